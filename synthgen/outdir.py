@@ -1,0 +1,92 @@
+"""The output directory, local or remote (any fsspec URL: s3://, gs://, file://).
+
+Knows where each file of the layout lives and which shards are committed; knows nothing about
+images or models.
+"""
+
+from __future__ import annotations
+
+import json
+import posixpath
+import uuid
+
+import fsspec
+
+COMMITS = ".synthgen/commits"
+
+
+class OutDir:
+    def __init__(self, url: str):
+        self.url = str(url)
+        self.fs, self.root = fsspec.core.url_to_fs(self.url)
+        self.is_local = "file" in (
+            self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,)
+        )
+
+    def path(self, relative: str) -> str:
+        return posixpath.join(self.root, relative)
+
+    def commit_path(self, shard_name: str) -> str:
+        return f"{COMMITS}/{shard_name}.json"
+
+    def exists(self, relative: str = "") -> bool:
+        return self.fs.exists(self.path(relative) if relative else self.root)
+
+    def read_bytes(self, relative: str) -> bytes:
+        return self.fs.cat_file(self.path(relative))
+
+    def read_text(self, relative: str) -> str:
+        return self.read_bytes(relative).decode("utf-8")
+
+    def write_bytes(self, relative: str, data: bytes) -> None:
+        target = self.path(relative)
+        if self.is_local:
+            self.fs.makedirs(posixpath.dirname(target), exist_ok=True)
+        with self.fs.open(target, "wb") as handle:
+            handle.write(data)
+
+    def write_text(self, relative: str, text: str) -> None:
+        self.write_bytes(relative, text.encode("utf-8"))
+
+    def write_atomic(self, relative: str, data: bytes) -> None:
+        """Write under a temporary name, then rename, so a reader never sees half a file."""
+        temporary = f"{relative}.tmp-{uuid.uuid4().hex[:12]}"
+        self.write_bytes(temporary, data)
+        self.rename(temporary, relative)
+
+    def rename(self, source: str, target: str) -> None:
+        self.fs.mv(self.path(source), self.path(target))
+
+    def remove(self, relative: str) -> None:
+        if self.fs.exists(self.path(relative)):
+            self.fs.rm(self.path(relative), recursive=True)
+
+    def listdir(self, relative: str) -> list[str]:
+        """Names (not paths) of the files directly under `relative`; empty if it is absent."""
+        folder = self.path(relative)
+        if not self.fs.exists(folder):
+            return []
+        return sorted(posixpath.basename(p.rstrip("/")) for p in self.fs.ls(folder, detail=False))
+
+    def all_files(self) -> list[str]:
+        """Every file below the root, as paths relative to it."""
+        if not self.exists():
+            return []
+        prefix = self.root.rstrip("/") + "/"
+        return sorted(p.removeprefix(prefix) for p in self.fs.find(self.root))
+
+    def committed_records(self) -> dict[str, dict]:
+        records = {}
+        for name in self.listdir(COMMITS):
+            if name.endswith(".json"):
+                records[name.removesuffix(".json")] = json.loads(
+                    self.read_text(f"{COMMITS}/{name}")
+                )
+        return records
+
+    def remove_temporaries(self) -> int:
+        """Delete what killed workers left behind; returns how many files went."""
+        leftovers = [p for p in self.all_files() if ".tmp-" in posixpath.basename(p)]
+        for relative in leftovers:
+            self.remove(relative)
+        return len(leftovers)

@@ -1,0 +1,49 @@
+"""Worker: load the pipeline once, then render and commit the shards it is handed.
+
+Knows nothing about processes, ranks or Ray: an executor decides which shards it gets.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import asdict
+
+from synthgen.card import MODEL_RECORD
+from synthgen.models import load_pipeline
+from synthgen.outdir import OutDir
+from synthgen.plan import ShardTask, shard_specs
+from synthgen.recipe import Recipe
+from synthgen.render import Renderer
+from synthgen.shards import ShardRecord, ShardWriter
+
+Progress = Callable[[int], None]
+
+
+class Worker:
+    def __init__(self, recipe: Recipe, out: OutDir, device: str = "cpu"):
+        self.recipe = recipe
+        self.out = out
+        started = time.perf_counter()
+        pipe, identity = load_pipeline(recipe.model, mode=recipe.generation.mode, device=device)
+        self.load_seconds = time.perf_counter() - started
+        self.renderer = Renderer(pipe, recipe.generation, device)
+        self.writer = ShardWriter(out, recipe)
+        if not out.exists(MODEL_RECORD):
+            out.write_atomic(MODEL_RECORD, json.dumps(asdict(identity), indent=2).encode())
+
+    def run_shard(self, task: ShardTask, progress: Progress | None = None) -> ShardRecord:
+        specs = shard_specs(self.recipe, task)
+        timings = {"render": 0.0}
+
+        def rendered():
+            last = time.perf_counter()
+            for spec, image in self.renderer.render(specs):
+                timings["render"] += time.perf_counter() - last
+                if progress:
+                    progress(1)
+                yield spec, image
+                last = time.perf_counter()
+
+        return self.writer.write(task, rendered(), seconds=timings)
