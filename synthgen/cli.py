@@ -5,7 +5,6 @@ from __future__ import annotations
 import functools
 import json
 import sys
-import time
 from pathlib import Path
 
 import click
@@ -77,39 +76,23 @@ def sample(recipe: Path, count: int, start: int) -> None:
 @user_errors
 def generate(recipe: Path, out: str, num_samples: int | None, device: str | None, overwrite: bool):
     """Render RECIPE into OUT (resumes a partial run of the same recipe)."""
-    from synthgen.card import finalize
-    from synthgen.executors import progress_bar, run_in_process
     from synthgen.models import check_model_reference, default_device
-    from synthgen.outdir import OutDir
-    from synthgen.plan import plan_shards
     from synthgen.recipe import load_recipe
-    from synthgen.runs import claim_output, run_state
+    from synthgen.runs import generate as run
 
     loaded = load_recipe(recipe, num_samples=num_samples)
     check_model_reference(loaded.model, file=str(recipe))
-    outdir = OutDir(out)
-    claim_output(outdir, loaded, overwrite=overwrite)
-    tasks = plan_shards(loaded)
-    state = run_state(outdir, loaded, tasks)
-    total = sum(t.size for t in tasks)
-    if state.complete:
-        click.echo(f"{out} is already complete for this recipe ({total} samples): nothing to do")
-        return
-    removed = outdir.remove_temporaries()
-    done = sum(t.size for t in state.done)
-    if done or removed:
+    result = run(loaded, out, device=device or default_device(), overwrite=overwrite)
+    if result.already_complete:
         click.echo(
-            f"resuming: {len(state.done)} of {len(tasks)} shards already committed", err=True
+            f"{out} is already complete for this recipe ({result.total} samples): nothing to do"
         )
-    started = time.perf_counter()
-    with progress_bar(total, initial=done) as bar:
-        run_in_process(loaded, outdir, state.todo, device or default_device(), bar)
-    seconds = time.perf_counter() - started
-    manifest = finalize(outdir, tasks)
-    rendered = total - done
+        return
+    if result.resumed_shards:
+        click.echo(f"resumed: {result.resumed_shards} shards were already committed", err=True)
     click.echo(
-        f"wrote {manifest['num_samples']} samples ({rendered} rendered now in {seconds:.1f} s, "
-        f"{rendered / max(seconds, 1e-9):.2f} img/s) to {out}"
+        f"wrote {result.total} samples to {out} ({result.rendered} rendered in "
+        f"{result.seconds:.1f} s, {result.rendered / max(result.seconds, 1e-9):.2f} img/s)"
     )
 
 

@@ -8,6 +8,7 @@ images). Distribution fidelity uses the audit's embedder as the feature extracto
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,8 +37,11 @@ def to_pair_tensors(
     synthetic_rgb = synthetic.convert("RGB")
     if synthetic_rgb.size != source_rgb.size:
         synthetic_rgb = synthetic_rgb.resize(source_rgb.size, Image.Resampling.BICUBIC)
-    as_tensor = lambda image: torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0)  # noqa: E731
-    return as_tensor(synthetic_rgb).permute(2, 0, 1), as_tensor(source_rgb).permute(2, 0, 1)
+    return _chw(synthetic_rgb), _chw(source_rgb)
+
+
+def _chw(image: Image.Image) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)
 
 
 def psnr_ssim(pairs: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> tuple[np.ndarray, np.ndarray]:
@@ -124,7 +128,11 @@ def fid_kid(
     fid_value = float(fid.compute())
     subset = min(1000, real.shape[0], fake.shape[0])
     torch.manual_seed(seed)
-    kid = KernelInceptionDistance(feature=_PrecomputedFeatures(real.shape[1]), subset_size=subset)
+    with warnings.catch_warnings():  # it warns that it keeps all features: so do we, by design
+        warnings.simplefilter("ignore", UserWarning)
+        kid = KernelInceptionDistance(
+            feature=_PrecomputedFeatures(real.shape[1]), subset_size=subset
+        )
     kid.update(real, real=True)
     kid.update(fake, real=False)
     kid_mean, kid_std = (float(v) for v in kid.compute())

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import math
 from statistics import NormalDist
-from typing import Annotated, Literal, Union
+from typing import Annotated, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-LabelValue = Union[str, int, float, list[str]]
+LabelValue = str | int | float | list[str]
 LABEL_KINDS = ("categorical", "uniform", "normal", "constant", "multilabel")
 
 

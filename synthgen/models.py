@@ -137,16 +137,14 @@ def _load_base(config: ModelConfig, dtype: torch.dtype):
     from diffusers import StableDiffusionPipeline
 
     if config.base in PRESETS:
-        pipe = StableDiffusionPipeline(
+        return StableDiffusionPipeline(
             **_preset_components(config.base), requires_safety_checker=False
-        )
-        return pipe.to(dtype=dtype)
+        ).to(dtype=dtype)
     try:
         # Medical images trip the NSFW safety checker, which blanks them: it is always off.
-        return StableDiffusionPipeline.from_pretrained(
+        pipe = StableDiffusionPipeline.from_pretrained(
             config.base,
             revision=config.revision,
-            torch_dtype=dtype,
             safety_checker=None,
             requires_safety_checker=False,
             use_safetensors=True,
@@ -160,6 +158,7 @@ def _load_base(config: ModelConfig, dtype: torch.dtype):
         if Path(config.base).exists():
             hint = f"the directory is not a loadable diffusers pipeline ({exc})"
         raise ModelError(f"cannot load '{config.base}': {hint}", where="model.base") from None
+    return pipe.to(dtype=dtype)
 
 
 def lora_file(lora: LoraConfig) -> Path:

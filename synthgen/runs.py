@@ -7,12 +7,13 @@ shards; an executor decides where they run.
 from __future__ import annotations
 
 import hashlib
+import time
 from dataclasses import dataclass
 
-from synthgen.card import read_recipe
+from synthgen.card import finalize, read_recipe
 from synthgen.errors import OutputError, RecipeError
 from synthgen.outdir import COMMITS, OutDir
-from synthgen.plan import ShardTask
+from synthgen.plan import ShardTask, plan_shards
 from synthgen.recipe import Recipe
 
 OWN_PATHS = ("README.md", "recipe.yaml", "manifest.json", "webdataset", "parquet", "previews",
@@ -77,3 +78,33 @@ def run_state(out: OutDir, recipe: Recipe, tasks: list[ShardTask], verify: bool 
                 out.remove(f"{COMMITS}/{task.name}.json")
             todo.append(task)
     return RunState(done=done, todo=todo, complete=False)
+
+
+@dataclass(frozen=True)
+class RunResult:
+    total: int
+    rendered: int
+    seconds: float
+    already_complete: bool
+    resumed_shards: int
+
+
+def generate(recipe: Recipe, out_url: str, *, device: str, overwrite: bool = False) -> RunResult:
+    """Render every shard of `recipe` not yet committed in OUT, then finalize."""
+    from synthgen.executors import progress_bar, run_in_process
+
+    out = OutDir(out_url)
+    claim_output(out, recipe, overwrite=overwrite)
+    tasks = plan_shards(recipe)
+    state = run_state(out, recipe, tasks)
+    total = sum(t.size for t in tasks)
+    if state.complete:
+        return RunResult(total, 0, 0.0, True, len(state.done))
+    out.remove_temporaries()
+    done = sum(t.size for t in state.done)
+    started = time.perf_counter()
+    with progress_bar(total, initial=done) as bar:
+        run_in_process(recipe, out, state.todo, device, bar)
+    seconds = time.perf_counter() - started
+    finalize(out, tasks)
+    return RunResult(total, total - done, seconds, False, len(state.done))

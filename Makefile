@@ -1,0 +1,45 @@
+# synthgen — `make demo` builds a small dataset offline, `make test` runs the tests.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+# torch first, pinned, so pip does not pull a multi-GB CUDA build on a machine without a GPU.
+# On a GPU box, `make install TORCH=torch` keeps (or installs) the CUDA build instead; on a CPU
+# box without a local wheel, TORCH_INDEX=--index-url=https://download.pytorch.org/whl/cpu helps.
+TORCH  ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo torch || echo torch==2.13.0)
+TORCH_INDEX ?=
+PYTEST_ARGS ?=
+
+.PHONY: install demo demo-i2i test lint bench bench-gpu all-data clean
+.DEFAULT_GOAL := demo
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --disable-pip-version-check "$(TORCH)" $(TORCH_INDEX)
+	$(BIN)/pip install -q --disable-pip-version-check -e ".[test]"
+	touch $@
+
+demo: install
+	$(BIN)/synthgen generate recipes/demo.yaml -o data/demo
+
+test: install
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+lint: install
+	$(BIN)/ruff check synthgen tests benchmarks examples
+	$(BIN)/ruff format --check synthgen tests benchmarks examples
+
+# `make data/NAME` (re)generates data/NAME from recipes/NAME.yaml: a no-op when complete and
+# made from the same recipe, a resume when partial. A changed recipe is refused: pass
+# GENERATE_ARGS=--overwrite to replace the old data.
+GENERATE_ARGS ?=
+data/%: recipes/%.yaml install FORCE
+	$(BIN)/synthgen generate $< -o $@ $(GENERATE_ARGS)
+
+all-data: $(patsubst recipes/%.yaml,data/%,$(wildcard recipes/*.yaml))
+
+FORCE:
+
+clean:
+	rm -rf data .pytest_cache
