@@ -182,7 +182,7 @@ def run_audit(
     settings: Mapping[str, Any] | None = None,
     progress: bool = True,
 ) -> dict:
-    """Audit synthetic images against their sources; write the report files; return the report.
+    """Audit synthetic images against their sources; write the report files; return report.json.
 
     I2I items (with a source_id) are ranked against every source; T2I items (no source_id) are
     checked for memorisation against the sources as training cohort and, when given, `holdout`
@@ -321,8 +321,7 @@ def run_audit(
         "memorisation": memorisation,
     }
     pairs = _most_reidentifiable(synthetic, sources, index, i2i_rows, ranks, contact_pairs)
-    audit_report.write_report(report, Path(report_dir), pairs, memorised_pairs)
-    return report
+    return audit_report.write_report(report, Path(report_dir), pairs, memorised_pairs)
 
 
 def _reidentification(

@@ -70,6 +70,7 @@ def write_report(report: dict, report_dir: Path, pairs: list[Pair], memorised: l
     _write_csv(clean, report_dir / "report.csv")
     (report_dir / "report.md").write_text(_markdown(clean))
     _tradeoff(clean, report_dir / "tradeoff.png")
+    return clean
 
 
 def _get(entry: dict, *path: str) -> Any:
@@ -156,8 +157,8 @@ def _markdown(report: dict) -> str:
             top1, top5 = summary["top1"], summary["top5"]
             lines.append(
                 f"| {group['name']} | {level} | {group['n_synthetic']} | {_fmt(top1)} | "
-                f"{top1['chance']:.4f} | {top1['risk']:.3f} | {_fmt(top5)} | {top5['chance']:.4f} | "
-                f"{top5['risk']:.3f} | {_fmt(summary['mean_rank'], 1)} | "
+                f"{top1['chance']:.4f} | {top1['risk']:.3f} | {_fmt(top5)} | "
+                f"{top5['chance']:.4f} | {top5['risk']:.3f} | {_fmt(summary['mean_rank'], 1)} | "
                 f"{_fmt(summary['verification_auc'])} |"
             )
     lines += [
@@ -268,9 +269,13 @@ def _tradeoff(report: dict, path: Path) -> None:
         )
         for x, y, name in zip(xs, ys, names, strict=True):
             ax.annotate(name, (x, y), textcoords="offset points", xytext=(5, 5), fontsize=8)
-        chance = groups[0]["reidentification"][level]["top1"]["chance"]
-        ax.axhline(chance, linestyle="--" if level == "image" else ":", color="grey",
-                   label=f"chance, {level} level (1/{groups[0]['reidentification'][level]['gallery_size']})")  # fmt: skip
+        summary = groups[0]["reidentification"][level]
+        ax.axhline(
+            summary["top1"]["chance"],
+            linestyle="--" if level == "image" else ":",
+            color="grey",
+            label=f"chance, {level} level (1/{summary['gallery_size']})",
+        )
     ax.set_xlabel(x_label)
     ax.set_ylabel("top-1 re-identification rate")
     ax.set_ylim(-0.02, 1.02)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -37,15 +38,22 @@ def main() -> None:
 @click.argument("recipe", type=click.Path(dir_okay=False, path_type=Path))
 @user_errors
 def validate(recipe: Path) -> None:
-    """Check RECIPE without rendering anything."""
+    """Check RECIPE (and its cohort: columns, labels, every image) without rendering anything."""
     from synthgen.models import check_model_reference
+    from synthgen.plan import build_plan
     from synthgen.recipe import load_recipe
 
     loaded = load_recipe(recipe)
     check_model_reference(loaded.model, file=str(recipe))
-    click.echo(
-        f"ok: {recipe} ({loaded.name}, {loaded.num_samples} samples, sha256 {loaded.sha256()[:12]})"
-    )
+    plan = build_plan(loaded, check_images=True)
+    detail = f"{plan.total} samples in {len(plan.tasks)} shards"
+    if plan.cohort is not None:
+        detail += f" from {len(plan.cohort.rows)} cohort rows"
+        for skipped in plan.cohort.skipped:
+            click.echo(f"skip: row {skipped['row']}: {skipped['reason']}", err=True)
+        if plan.cohort.skipped:
+            detail += f", {len(plan.cohort.skipped)} rows skipped"
+    click.echo(f"ok: {recipe} ({loaded.name}: {detail}; sha256 {loaded.sha256()[:12]})")
 
 
 @main.command()
@@ -54,35 +62,99 @@ def validate(recipe: Path) -> None:
 @click.option("--start", default=0, show_default=True, help="Index of the first sample.")
 @user_errors
 def sample(recipe: Path, count: int, start: int) -> None:
-    """Print labels and prompts of samples as JSON lines, without rendering."""
-    from synthgen.plan import sample_key, split_of, t2i_spec
+    """Print samples' keys, labels and prompts as JSON lines, without rendering."""
+    from synthgen.plan import Plan, build_plan, split_of, t2i_spec
     from synthgen.recipe import load_recipe
 
     loaded = load_recipe(recipe)
-    total = max(loaded.num_samples, start + count)
-    for index in range(start, start + count):
-        spec = t2i_spec(loaded, index, split_of(loaded, index, total))
-        line = {"index": index, "key": sample_key(loaded, index), "split": spec.split,
-                "labels": spec.labels, "prompt": spec.prompt}  # fmt: skip
+    plan: Plan = build_plan(loaded, check_images=False)
+    if loaded.generation.mode == "t2i":
+        total = max(loaded.num_samples, start + count)
+        specs = [
+            t2i_spec(loaded, i, split_of(loaded, i, total), plan.table)
+            for i in range(start, start + count)
+        ]
+    else:
+        specs = [spec for task in plan.tasks for spec in plan.specs(task)][start : start + count]
+    for spec in specs:
+        line = {"index": spec.index, "key": spec.key, "split": spec.split, "labels": spec.labels,
+                "prompt": spec.prompt}  # fmt: skip
+        if spec.strength is not None:
+            line["strength"] = spec.strength
         click.echo(json.dumps(line))
+
+
+def parse_devices(value: str | None, workers_per_device: int) -> tuple[str, ...]:
+    """`all` / `0,1,3` / `cpu` / `cuda:1` → one entry per worker process."""
+    import torch
+
+    if value is None:
+        value = "all" if torch.cuda.is_available() else "cpu"
+    if value == "all":
+        count = torch.cuda.device_count()
+        devices = [f"cuda:{i}" for i in range(count)] or ["cpu"]
+    elif value == "cpu" or value.startswith("cuda"):
+        devices = [value]
+    else:
+        try:
+            devices = [f"cuda:{int(part)}" for part in value.split(",")]
+        except ValueError:
+            raise click.BadParameter("use all, cpu, cuda, cuda:N or a list like 0,1,3") from None
+    return tuple(device for device in devices for _ in range(workers_per_device))
 
 
 @main.command()
 @click.argument("recipe", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("-o", "--out", required=True, help="Output directory or fsspec URL.")
-@click.option("--num-samples", type=click.IntRange(min=1), help="Override the recipe's count.")
-@click.option("--device", default=None, help="cpu, cuda, cuda:1 … (default: cuda if present).")
+@click.option("-o", "--out", required=True, help="Output directory or fsspec URL (s3://…).")
+@click.option(
+    "--num-samples",
+    type=click.IntRange(min=1),
+    help="Trial run: this many samples (t2i) or the first N cohort rows (i2i).",
+)
+@click.option(
+    "--devices",
+    "--device",
+    "devices",
+    default=None,
+    help="all | 0,1,3 | cpu | cuda:1 (default: all GPUs, else cpu).",
+)
+@click.option("--workers-per-device", default=1, show_default=True, type=click.IntRange(min=1))
+@click.option("--executor", type=click.Choice(["local", "ray"]), default="local", show_default=True)
+@click.option("--address", default=None, help="Ray cluster address (auto, ray://…).")
+@click.option("--rank", type=int, default=None, help="This process's rank (else RANK or SLURM).")
+@click.option("--world-size", type=int, default=None, help="Number of ranks.")
+@click.option("--max-retries", default=2, show_default=True, type=click.IntRange(min=0))
 @click.option("--overwrite", is_flag=True, help="Replace another recipe's data in OUT.")
 @user_errors
-def generate(recipe: Path, out: str, num_samples: int | None, device: str | None, overwrite: bool):
-    """Render RECIPE into OUT (resumes a partial run of the same recipe)."""
-    from synthgen.models import check_model_reference, default_device
+def generate(recipe, out, num_samples, devices, workers_per_device, executor, address, rank,
+             world_size, max_retries, overwrite):  # fmt: skip
+    """Render RECIPE into OUT; resumes a partial run of the same recipe."""
+    from synthgen.executors import launcher_rank
+    from synthgen.models import check_model_reference
     from synthgen.recipe import load_recipe
+    from synthgen.runs import Execution
     from synthgen.runs import generate as run
 
     loaded = load_recipe(recipe, num_samples=num_samples)
     check_model_reference(loaded.model, file=str(recipe))
-    result = run(loaded, out, device=device or default_device(), overwrite=overwrite)
+    if rank is None and world_size is None:
+        rank, world_size = launcher_rank() or (None, None)
+    elif rank is None or world_size is None or not 0 <= rank < world_size:
+        raise click.BadParameter("give both --rank and --world-size, with 0 <= rank < world size")
+    device_list = parse_devices(devices, workers_per_device)
+    if (
+        rank is not None
+        and os.environ.get("LOCAL_RANK")
+        and devices is None
+        and device_list[0] != "cpu"
+    ):
+        device_list = (f"cuda:{os.environ['LOCAL_RANK']}",)  # torchrun: one GPU per process
+    log_dir = None
+    if "://" not in out or out.startswith("file://"):
+        log_dir = str(Path(out.removeprefix("file://")) / ".synthgen" / "logs")
+        Path(log_dir).mkdir(parents=True, exist_ok=True)
+    execution = Execution(device_list, executor, address, rank, world_size, max_retries, log_dir)
+    result = run(loaded, out, execution, overwrite=overwrite)
     if result.already_complete:
         click.echo(
             f"{out} is already complete for this recipe ({result.total} samples): nothing to do"
@@ -90,10 +162,23 @@ def generate(recipe: Path, out: str, num_samples: int | None, device: str | None
         return
     if result.resumed_shards:
         click.echo(f"resumed: {result.resumed_shards} shards were already committed", err=True)
-    click.echo(
-        f"wrote {result.total} samples to {out} ({result.rendered} rendered in "
-        f"{result.seconds:.1f} s, {result.rendered / max(result.seconds, 1e-9):.2f} img/s)"
-    )
+    if result.skipped_rows:
+        click.echo(
+            f"skipped {result.skipped_rows} unusable cohort rows (see manifest.json)", err=True
+        )
+    rate = result.rendered / max(result.seconds, 1e-9)
+    click.echo(f"rendered {result.rendered} samples in {result.seconds:.1f} s ({rate:.2f} img/s)")
+    if result.failed:
+        click.echo(f"error: {len(result.failed)} shards failed:", err=True)
+        for name, error in sorted(result.failed.items()):
+            click.echo(f"  {name}: {error}", err=True)
+        sys.exit(1)
+    if result.finalized:
+        click.echo(f"wrote {result.total} samples to {out}")
+    else:
+        click.echo(
+            "this rank is done; the last rank to finish (or `synthgen finalize`) writes the manifest"
+        )
 
 
 @main.command()
@@ -115,12 +200,12 @@ def info(out: str) -> None:
     """Counts, completeness and label summaries of a generated dataset."""
     from synthgen.card import read_label_frame, read_recipe
     from synthgen.outdir import OutDir
-    from synthgen.plan import plan_shards
+    from synthgen.runs import planned_tasks
     from synthgen.summary import label_rows, markdown_table
 
     outdir = OutDir(out)
     recipe = read_recipe(outdir)
-    tasks = plan_shards(recipe)
+    tasks = planned_tasks(outdir)
     records = outdir.committed_records()
     done = [records[t.name] for t in tasks if t.name in records]
     complete = outdir.exists("manifest.json") and len(done) == len(tasks)

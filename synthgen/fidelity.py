@@ -2,7 +2,8 @@
 
 Pair fidelity compares each synthetic image with its source after resizing the synthetic image
 to the source's size (bicubic), both as RGB in [0, 1]. PSNR is capped at 100 dB (identical
-images). Distribution fidelity uses the audit's embedder as the feature extractor.
+images). SSIM is the standard Gaussian-window SSIM, written here in separable float32
+convolutions because torchmetrics' version is ten times slower on a CPU. Distribution fidelity uses the audit's embedder as the feature extractor.
 """
 
 from __future__ import annotations
@@ -45,30 +46,53 @@ def _chw(image: Image.Image) -> torch.Tensor:
 
 
 def psnr_ssim(pairs: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> tuple[np.ndarray, np.ndarray]:
-    """PSNR (dB) and SSIM (Gaussian window 11, sigma 1.5) per pair; same-size pairs batched."""
-    from torchmetrics.functional.image import structural_similarity_index_measure
-
+    """PSNR (dB) and SSIM per pair; pairs of the same size are scored as one batch."""
     psnr = np.empty(len(pairs), dtype=np.float64)
     ssim = np.empty(len(pairs), dtype=np.float64)
     by_size: dict[tuple[int, int], list[int]] = {}
     for i, (_, source) in enumerate(pairs):
         by_size.setdefault(tuple(source.shape[1:]), []).append(i)
-    for (height, width), members in by_size.items():
+    for members in by_size.values():
         preds = torch.stack([pairs[i][0] for i in members])
         target = torch.stack([pairs[i][1] for i in members])
         mse = (preds - target).pow(2).flatten(1).mean(1).clamp_min(10 ** (-PSNR_CAP_DB / 10))
         psnr[members] = (-10 * torch.log10(mse)).numpy()
-        kernel = min(11, height, width) // 2 * 2 + 1  # odd, no larger than the image
-        if kernel > min(height, width):
-            kernel -= 2
-        if kernel < 3:
-            ssim[members] = np.nan
-            continue
-        values = structural_similarity_index_measure(
-            preds, target, data_range=1.0, kernel_size=kernel, reduction="none"
-        )
-        ssim[members] = values.numpy()
+        ssim[members] = ssim_batch(preds, target).numpy()
     return psnr, ssim
+
+
+@torch.no_grad()
+def ssim_batch(
+    x: torch.Tensor, y: torch.Tensor, sigma: float = 1.5, window: int = 11
+) -> torch.Tensor:
+    """SSIM of (B, C, H, W) images in [0, 1] (Wang et al. 2004): Gaussian window, valid region,
+    K1 = 0.01, K2 = 0.03, averaged over the map and channels. The window shrinks (odd) for images
+    smaller than it; images under 3 pixels get NaN. Separable float32 convolutions, so 10^4 pairs
+    take seconds on a CPU."""
+    window = min(window, x.shape[-1], x.shape[-2])
+    window -= 1 - window % 2
+    if window < 3:
+        return torch.full((x.shape[0],), float("nan"))
+    channels = x.shape[1]
+    offsets = torch.arange(window, dtype=torch.float32) - window // 2
+    gauss = torch.exp(-(offsets**2) / (2 * sigma**2))
+    gauss = gauss / gauss.sum()
+    rows = gauss.view(1, 1, 1, window).repeat(channels, 1, 1, 1)
+    cols = gauss.view(1, 1, window, 1).repeat(channels, 1, 1, 1)
+
+    def blur(image: torch.Tensor) -> torch.Tensor:
+        image = torch.nn.functional.conv2d(image, rows, groups=channels)
+        return torch.nn.functional.conv2d(image, cols, groups=channels)
+
+    c1, c2 = 0.01**2, 0.03**2
+    mu_x, mu_y = blur(x), blur(y)
+    var_x = blur(x * x) - mu_x**2
+    var_y = blur(y * y) - mu_y**2
+    cov = blur(x * y) - mu_x * mu_y
+    ssim_map = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / (
+        (mu_x**2 + mu_y**2 + c1) * (var_x + var_y + c2)
+    )
+    return ssim_map.flatten(1).mean(1)
 
 
 class LpipsScorer:

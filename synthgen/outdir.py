@@ -13,6 +13,7 @@ import uuid
 import fsspec
 
 COMMITS = ".synthgen/commits"
+RUN_RECORD = ".synthgen/run.json"  # recipe sha256, the shard list, skipped cohort rows
 
 
 class OutDir:
@@ -74,6 +75,9 @@ class OutDir:
             return []
         prefix = self.root.rstrip("/") + "/"
         return sorted(p.removeprefix(prefix) for p in self.fs.find(self.root))
+
+    def run_record(self) -> dict | None:
+        return json.loads(self.read_text(RUN_RECORD)) if self.exists(RUN_RECORD) else None
 
     def committed_records(self) -> dict[str, dict]:
         records = {}

@@ -12,11 +12,18 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from synthgen.cohort import Cohort, load_cohort, read_table
+from synthgen.errors import CohortError
 from synthgen.labels import LabelValue, Multilabel, sample_labels
 from synthgen.prompts import render_prompt
 from synthgen.recipe import Recipe
 
-_LABEL_STREAM, _IMAGE_STREAM = 0, 1
+_LABEL_STREAM, _IMAGE_STREAM, _COHORT_STREAM = 0, 1, 2
+
+
+def strength_tag(strength: float) -> str:
+    """`s0500` for strength 0.5: sortable, and free of dots (file and config names)."""
+    return f"s{round(strength * 1000):04d}"
 
 
 @dataclass(frozen=True)
@@ -39,10 +46,13 @@ class ShardTask:
     shard: int
     start: int
     stop: int
+    strength: float | None = None  # i2i: every sample of a shard shares one strength
 
     @property
     def name(self) -> str:
-        return f"{self.split}-{self.shard:06d}"
+        if self.strength is None:
+            return f"{self.split}-{self.shard:06d}"
+        return f"{self.split}-{strength_tag(self.strength)}-{self.shard:06d}"
 
     @property
     def size(self) -> int:
@@ -53,9 +63,9 @@ def _rng(seed: int, index: int, stream: int) -> np.random.SeedSequence:
     return np.random.SeedSequence(seed, spawn_key=(index, stream))
 
 
-def image_seed(seed: int, index: int) -> int:
+def image_seed(seed: int, index: int, stream: int = _IMAGE_STREAM) -> int:
     """63-bit seed for sample `index`'s torch.Generator."""
-    high, low = _rng(seed, index, _IMAGE_STREAM).generate_state(2, np.uint32)
+    high, low = _rng(seed, index, stream).generate_state(2, np.uint32)
     return ((int(high) << 32) | int(low)) & (2**63 - 1)
 
 
@@ -109,9 +119,13 @@ def sample_key(recipe: Recipe, index: int) -> str:
     return f"{recipe.name}-{index:08d}"
 
 
-def t2i_spec(recipe: Recipe, index: int, split: str) -> SampleSpec:
+def t2i_spec(recipe: Recipe, index: int, split: str, table: list[dict] | None = None) -> SampleSpec:
+    """Sample `index` of a T2I run; with `table`, its labels are one resampled row of it."""
     rng = np.random.Generator(np.random.PCG64(_rng(recipe.seed, index, _LABEL_STREAM)))
-    labels = sample_labels(recipe.labels, rng)
+    if table:
+        labels = dict(table[int(rng.integers(len(table)))])
+    else:
+        labels = sample_labels(recipe.labels, rng)
     return SampleSpec(
         index=index,
         key=sample_key(recipe, index),
@@ -122,5 +136,139 @@ def t2i_spec(recipe: Recipe, index: int, split: str) -> SampleSpec:
     )
 
 
-def shard_specs(recipe: Recipe, task: ShardTask) -> list[SampleSpec]:
-    return [t2i_spec(recipe, index, task.split) for index in range(task.start, task.stop)]
+@dataclass(frozen=True)
+class _I2ISample:
+    row: int
+    strength: float
+    seed: int
+    split: str
+
+
+class Plan:
+    """The shards of a run and the spec of every sample in them.
+
+    T2I needs the recipe alone (plus the rows of `labels_from`, if any); I2I also needs the cohort
+    rows. I2I keys are numbered after a seeded shuffle of the patients, so a key reveals nothing
+    about the cohort's order, and every image of one patient lands in one split.
+    """
+
+    def __init__(
+        self, recipe: Recipe, cohort: Cohort | None = None, table: list[dict] | None = None
+    ):
+        self.recipe = recipe
+        self.table = table
+        self.cohort = cohort
+        self._i2i: list[_I2ISample] = []
+        if recipe.generation.mode == "i2i":
+            if cohort is None:
+                raise ValueError("an i2i plan needs the cohort")
+            self.tasks = self._plan_i2i(cohort)
+        else:
+            self.tasks = plan_shards(recipe)
+
+    @property
+    def total(self) -> int:
+        return sum(task.size for task in self.tasks)
+
+    def specs(self, task: ShardTask) -> list[SampleSpec]:
+        if self.recipe.generation.mode == "t2i":
+            return [
+                t2i_spec(self.recipe, i, task.split, self.table)
+                for i in range(task.start, task.stop)
+            ]
+        rows = {row.row: row for row in self.cohort.rows}
+        specs = []
+        for index in range(task.start, task.stop):
+            sample = self._i2i[index]
+            labels = rows[sample.row].labels
+            specs.append(
+                SampleSpec(
+                    index=index,
+                    key=sample_key(self.recipe, index),
+                    split=sample.split,
+                    seed=sample.seed,
+                    labels=labels,
+                    prompt=render_prompt(self.recipe.prompt, prompt_values(self.recipe, labels)),
+                    source_row=sample.row,
+                    strength=sample.strength,
+                )
+            )
+        return specs
+
+    def _plan_i2i(self, cohort: Cohort) -> list[ShardTask]:
+        recipe = self.recipe
+        patients = list(dict.fromkeys(row.patient_id for row in cohort.rows))
+        shuffle = np.random.Generator(np.random.PCG64(_rng(recipe.seed, 0, _COHORT_STREAM)))
+        order = [patients[i] for i in shuffle.permutation(len(patients))]
+        rows_of: dict[str, list] = {}
+        for row in cohort.rows:
+            rows_of.setdefault(row.patient_id, []).append(row)
+        by_split, start = {}, 0
+        for split, count in split_counts(len(order), recipe.splits).items():
+            by_split[split] = [row for p in order[start : start + count] for row in rows_of[p]]
+            start += count
+        position = {
+            row.row: i for i, row in enumerate(r for rows in by_split.values() for r in rows)
+        }
+        tasks: list[ShardTask] = []
+        for strength in recipe.generation.strengths():
+            for split, rows in by_split.items():
+                first = len(self._i2i)
+                for row in rows:
+                    for repeat in range(recipe.generation.repeats):
+                        # The same noise at every strength: a sweep then varies strength alone.
+                        draw = position[row.row] * 1000 + repeat
+                        noise = image_seed(recipe.seed, draw, _COHORT_STREAM)
+                        self._i2i.append(_I2ISample(row.row, strength, noise, split))
+                last = len(self._i2i)
+                for shard, begin in enumerate(range(first, last, recipe.shard_size)):
+                    stop = min(begin + recipe.shard_size, last)
+                    tasks.append(ShardTask(split, shard, begin, stop, strength))
+        return tasks
+
+    def linkage(self) -> list[dict]:
+        """key → source id rows for the separate linkage table (never written into OUT)."""
+        rows = {row.row: row for row in self.cohort.rows}
+        return [
+            {
+                "key": sample_key(self.recipe, index),
+                "source_id": rows[sample.row].source_id,
+                "patient_id": rows[sample.row].patient_id,
+                "source_row": sample.row,
+                "strength": sample.strength,
+            }
+            for index, sample in enumerate(self._i2i)
+        ]
+
+
+def labels_table(recipe: Recipe) -> list[dict] | None:
+    """Validated label rows of `labels_from.table`, or None when labels are drawn from distributions."""
+    if recipe.labels_from is None:
+        return None
+    frame = read_table(recipe.labels_from.table, where="labels_from.table")
+    rows = []
+    for position, (_, record) in enumerate(frame.iterrows(), start=1):
+        values = {}
+        for label, column in recipe.labels_from.columns.items():
+            if column not in frame.columns:
+                raise CohortError(
+                    f"column '{column}' is not in the table", where=f"labels_from.columns.{label}"
+                )
+            try:
+                values[label] = recipe.labels[label].check(record[column])
+            except ValueError as exc:
+                raise CohortError(
+                    f"label '{label}': {exc}", where=f"labels_from.table row {position}"
+                ) from None
+        rows.append(values)
+    if not rows:
+        raise CohortError("the table has no rows", where="labels_from.table")
+    return rows
+
+
+def build_plan(recipe: Recipe, check_images: bool = True) -> Plan:
+    """The plan, reading the cohort or label table the recipe points at."""
+    if recipe.generation.mode == "i2i":
+        cohort = load_cohort(recipe.source, recipe.labels, check_images=check_images)
+        return Plan(recipe, cohort=cohort)
+    return Plan(recipe, table=labels_table(recipe))

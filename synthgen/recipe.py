@@ -19,6 +19,7 @@ from synthgen.errors import RecipeError
 from synthgen.labels import LABEL_KINDS, LabelSpec
 from synthgen.prompts import template_fields
 
+REDACTED = "<redacted: protected path>"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 
@@ -52,6 +53,8 @@ class ModelConfig(Strict):
 
 class GenerationConfig(Strict):
     mode: Literal["t2i", "i2i"] = "t2i"
+    strength: float | list[float] | None = None
+    repeats: int = Field(1, ge=1, le=100)
     steps: int = Field(50, ge=1, le=1000)
     guidance_scale: float = Field(7.5, ge=0)
     negative_prompt: str | None = None
@@ -59,9 +62,60 @@ class GenerationConfig(Strict):
     width: int = Field(512, ge=8, le=4096, multiple_of=8)
     batch_size: int = Field(8, ge=1, le=1024)
 
+    @model_validator(mode="after")
+    def _strengths(self) -> GenerationConfig:
+        if self.mode == "t2i":
+            if self.strength is not None or self.repeats != 1:
+                raise ValueError("strength and repeats apply to mode i2i only")
+            return self
+        values = self.strengths()
+        if not values:
+            raise ValueError("mode i2i needs a strength (a number or a list)")
+        if len(set(values)) != len(values):
+            raise ValueError("strength lists a value twice")
+        for value in values:
+            if not 0 < value <= 1:
+                raise ValueError(f"strength {value} must be in (0, 1]")
+        return self
+
+    def strengths(self) -> list[float]:
+        if self.strength is None:
+            return []
+        return list(self.strength) if isinstance(self.strength, list) else [self.strength]
+
+
+class PreprocessConfig(Strict):
+    size: int = Field(512, ge=8, le=4096, multiple_of=8)
+    fit: Literal["center_crop", "pad", "resize"] = "center_crop"
+
+
+class SourceConfig(Strict):
+    """A real cohort for i2i: a table of image paths (relative to the table) and metadata."""
+
+    manifest: str
+    image_column: str
+    id_column: str
+    patient_column: str | None = None
+    labels: dict[str, str] = {}
+    preprocess: PreprocessConfig = PreprocessConfig()
+    on_error: Literal["fail", "skip"] = "fail"
+    max_rows: int | None = Field(None, ge=1)
+
+
+class LabelsFromConfig(Strict):
+    """T2I labels drawn by resampling rows of a real metadata table (keeps the joint)."""
+
+    table: str
+    columns: dict[str, str]
+
+
+class PrivacyConfig(Strict):
+    linkage: str
+
 
 class OutputConfig(Strict):
     formats: list[Literal["webdataset", "parquet"]] = ["webdataset", "parquet"]
+    grayscale: bool = False
     image_format: Literal["png", "jpg", "webp"] = "png"
     jpeg_quality: int = Field(95, ge=1, le=100)
     png_compress_level: int = Field(6, ge=0, le=9)
@@ -79,13 +133,16 @@ class Recipe(Strict):
     description: str = ""
     license: str = "cc-by-4.0"
     seed: int = Field(0, ge=0, lt=2**63)
-    num_samples: int = Field(ge=1)
+    num_samples: int | None = Field(None, ge=1)
     shard_size: int = Field(1000, ge=1)
     splits: dict[str, float] = {"train": 1.0}
     model: ModelConfig = ModelConfig()
     generation: GenerationConfig = GenerationConfig()
     prompt: str
     labels: dict[str, LabelSpec] = {}
+    labels_from: LabelsFromConfig | None = None
+    source: SourceConfig | None = None
+    privacy: PrivacyConfig | None = None
     output: OutputConfig = OutputConfig()
 
     @field_validator("splits")
@@ -115,6 +172,38 @@ class Recipe(Strict):
         return labels
 
     @model_validator(mode="after")
+    def _mode_fits(self) -> Recipe:
+        if self.generation.mode == "t2i":
+            if self.num_samples is None:
+                raise ValueError("num_samples is required for mode t2i")
+            if self.source is not None:
+                raise ValueError("source applies to mode i2i; set generation.mode: i2i")
+        else:
+            if self.source is None:
+                raise ValueError("mode i2i needs a source cohort (source.manifest …)")
+            if self.num_samples is not None:
+                raise ValueError(
+                    "an i2i recipe takes its sample count from the cohort; remove num_samples "
+                    "(use --num-samples on the command line for a trial run)"
+                )
+            if self.privacy is None:
+                raise ValueError(
+                    "mode i2i needs privacy.linkage: where the key → source id table goes"
+                )
+            unmapped = [name for name in self.labels if name not in self.source.labels]
+            if unmapped:
+                raise ValueError(f"label '{unmapped[0]}' has no cohort column in source.labels")
+            extra = [name for name in self.source.labels if name not in self.labels]
+            if extra:
+                raise ValueError(f"source.labels maps '{extra[0]}', which is not a declared label")
+        if self.labels_from is not None:
+            missing = [name for name in self.labels if name not in self.labels_from.columns]
+            extra = [name for name in self.labels_from.columns if name not in self.labels]
+            if missing or extra:
+                raise ValueError("labels_from.columns must map exactly the declared labels")
+        return self
+
+    @model_validator(mode="after")
     def _prompt_names_known_labels(self) -> Recipe:
         for name in template_fields(self.prompt):
             if name not in self.labels:
@@ -131,6 +220,38 @@ class Recipe(Strict):
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json", exclude_none=True), sort_keys=False)
+
+    def shareable(self) -> Recipe:
+        """The recipe as written into OUT: cohort and linkage paths are protected information."""
+        changes: dict[str, Any] = {}
+        if self.source is not None:
+            changes["source"] = self.source.model_copy(update={"manifest": REDACTED})
+        if self.privacy is not None:
+            changes["privacy"] = self.privacy.model_copy(update={"linkage": REDACTED})
+        if self.labels_from is not None:
+            changes["labels_from"] = self.labels_from.model_copy(update={"table": REDACTED})
+        return self.model_copy(update=changes)
+
+    def resolve_paths(self, base: Path) -> Recipe:
+        """Make cohort and linkage paths absolute, relative to the recipe's folder."""
+
+        def absolute(value: str) -> str:
+            return value if "://" in value else str((base / Path(value).expanduser()).resolve())
+
+        changes: dict[str, Any] = {}
+        if self.source is not None:
+            changes["source"] = self.source.model_copy(
+                update={"manifest": absolute(self.source.manifest)}
+            )
+        if self.privacy is not None:
+            changes["privacy"] = self.privacy.model_copy(
+                update={"linkage": absolute(self.privacy.linkage)}
+            )
+        if self.labels_from is not None:
+            changes["labels_from"] = self.labels_from.model_copy(
+                update={"table": absolute(self.labels_from.table)}
+            )
+        return self.model_copy(update=changes)
 
 
 def _field_path(loc: tuple[Any, ...]) -> str:
@@ -157,8 +278,9 @@ def recipe_from_dict(data: Any, file: str = "<recipe>") -> Recipe:
         raise RecipeError(message, file=file, where=where) from None
 
 
-def load_recipe(path: str | Path, **overrides: Any) -> Recipe:
-    """Read and validate a recipe; `overrides` replace top-level fields (e.g. num_samples)."""
+def load_recipe(path: str | Path, num_samples: int | None = None) -> Recipe:
+    """Read and validate a recipe. `num_samples` overrides the count for a trial run: the
+    number of samples for t2i, the number of cohort rows (from the top) for i2i."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -175,6 +297,10 @@ def load_recipe(path: str | Path, **overrides: Any) -> Recipe:
         where = f"line {mark.line + 1}" if mark else None
         problem = getattr(exc, "problem", None) or "invalid YAML"
         raise RecipeError(f"YAML syntax error: {problem}", file=str(path), where=where) from None
-    if isinstance(data, dict):
-        data = {**data, **{k: v for k, v in overrides.items() if v is not None}}
-    return recipe_from_dict(data, file=str(path))
+    if num_samples is not None and isinstance(data, dict):
+        generation = data.get("generation") or {}
+        if isinstance(generation, dict) and generation.get("mode") == "i2i":
+            data = {**data, "source": {**(data.get("source") or {}), "max_rows": num_samples}}
+        else:
+            data = {**data, "num_samples": num_samples}
+    return recipe_from_dict(data, file=str(path)).resolve_paths(path.parent)

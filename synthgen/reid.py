@@ -28,7 +28,9 @@ def wilson_interval(hits: int, n: int, z: float = Z95) -> tuple[float, float]:
     denom = 1 + z * z / n
     centre = (p + z * z / (2 * n)) / denom
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return (max(0.0, centre - half), min(1.0, centre + half))
+    low = 0.0 if hits == 0 else max(0.0, centre - half)  # exact ends, no rounding residue
+    high = 1.0 if hits == n else min(1.0, centre + half)
+    return (low, high)
 
 
 def chance_normalised(rate: float, chance: float) -> float:

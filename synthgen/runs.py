@@ -1,19 +1,23 @@
 """A run of a recipe into OUT: claim the directory, find what is already committed, render the rest.
 
-Resume, multi-GPU and Ray are all "run the shards not yet committed": this module finds those
-shards; an executor decides where they run.
+Resume, multi-GPU, ranks and Ray are all "run the shards not yet committed": this module finds
+those shards; an executor decides where they run.
 """
 
 from __future__ import annotations
 
+import csv
 import hashlib
+import io
+import json
 import time
-from dataclasses import dataclass
+import uuid
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
-from synthgen.card import finalize, read_recipe
-from synthgen.errors import OutputError, RecipeError
-from synthgen.outdir import COMMITS, OutDir
-from synthgen.plan import ShardTask, plan_shards
+from synthgen.errors import OutputError
+from synthgen.outdir import COMMITS, RUN_RECORD, OutDir
+from synthgen.plan import Plan, ShardTask
 from synthgen.recipe import Recipe
 
 OWN_PATHS = ("README.md", "recipe.yaml", "manifest.json", "webdataset", "parquet", "previews",
@@ -27,21 +31,25 @@ class RunState:
     complete: bool  # every shard committed and the manifest written
 
 
-def claim_output(out: OutDir, recipe: Recipe, overwrite: bool = False) -> None:
+def planned_tasks(out: OutDir) -> list[ShardTask]:
+    """The shard list recorded when the run started (finalize needs no cohort to know it)."""
+    record = out.run_record()
+    if record is None:
+        raise OutputError("no run record: this is not a synthgen output directory", file=out.url)
+    return [ShardTask(**task) for task in record["tasks"]]
+
+
+def claim_output(out: OutDir, recipe: Recipe, plan: Plan, overwrite: bool = False) -> None:
     """OUT must be empty, or hold a run of this very recipe (which then resumes)."""
-    if out.exists("recipe.yaml"):
-        try:
-            same = read_recipe(out).sha256() == recipe.sha256()
-        except RecipeError:
-            same = False
-        if same:
-            return
-        if not overwrite:
-            raise OutputError(
-                "holds a run of a different recipe; pass --overwrite to replace it, "
-                "or choose another output directory",
-                file=out.url,
-            )
+    record = out.run_record()
+    if record is not None and record["recipe_sha256"] == recipe.sha256():
+        return
+    if record is not None and not overwrite:
+        raise OutputError(
+            "holds a run of a different recipe; pass --overwrite to replace it, "
+            "or choose another output directory",
+            file=out.url,
+        )
     foreign = [p for p in out.all_files() if p.split("/")[0] not in OWN_PATHS]
     if foreign:
         raise OutputError(
@@ -52,7 +60,30 @@ def claim_output(out: OutDir, recipe: Recipe, overwrite: bool = False) -> None:
     if overwrite:
         for relative in OWN_PATHS:
             out.remove(relative)
-    out.write_atomic("recipe.yaml", recipe.to_yaml().encode())
+    # Nothing else is removed: ranks started together all claim OUT at once, with the same bytes.
+    if recipe.privacy is not None:
+        write_linkage(plan, recipe.privacy.linkage, out)
+    out.write_atomic("recipe.yaml", recipe.shareable().to_yaml().encode())
+    skipped = plan.cohort.skipped if plan.cohort is not None else []
+    run = {"recipe_sha256": recipe.sha256(), "tasks": [asdict(t) for t in plan.tasks],
+           "skipped": skipped}  # fmt: skip
+    out.write_atomic(RUN_RECORD, json.dumps(run).encode())
+
+
+def write_linkage(plan: Plan, path: str, out: OutDir) -> None:
+    """The key → source id table, for re-identification audits: never inside OUT."""
+    target = Path(path).resolve()
+    if out.is_local and target.is_relative_to(Path(out.root).resolve()):
+        raise OutputError("must not be inside the output directory", where="privacy.linkage")
+    rows = plan.linkage()
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    temporary = target.with_name(f"{target.name}.tmp-{uuid.uuid4().hex[:12]}")
+    temporary.write_text(buffer.getvalue())
+    temporary.replace(target)
 
 
 def _intact(out: OutDir, record: dict) -> bool:
@@ -62,11 +93,10 @@ def _intact(out: OutDir, record: dict) -> bool:
     return True
 
 
-def run_state(out: OutDir, recipe: Recipe, tasks: list[ShardTask], verify: bool = True) -> RunState:
+def run_state(out: OutDir, tasks: list[ShardTask], verify: bool = True) -> RunState:
     """Split the plan into committed and to-do shards; a damaged shard is to do again."""
     records = out.committed_records()
-    manifest_ok = out.exists("manifest.json") and all(t.name in records for t in tasks)
-    if manifest_ok:
+    if out.exists("manifest.json") and all(t.name in records for t in tasks):
         return RunState(done=list(tasks), todo=[], complete=True)
     done, todo = [], []
     for task in tasks:
@@ -87,24 +117,65 @@ class RunResult:
     seconds: float
     already_complete: bool
     resumed_shards: int
+    skipped_rows: int
+    finalized: bool
+    failed: dict[str, str]
 
 
-def generate(recipe: Recipe, out_url: str, *, device: str, overwrite: bool = False) -> RunResult:
-    """Render every shard of `recipe` not yet committed in OUT, then finalize."""
-    from synthgen.executors import progress_bar, run_in_process
+@dataclass(frozen=True)
+class Execution:
+    """Where the shards run: devices of a local pool, a launcher's rank, or a Ray cluster."""
 
+    devices: tuple[str, ...] = ("cpu",)
+    executor: str = "local"  # local | ray
+    ray_address: str | None = None
+    rank: int | None = None
+    world_size: int | None = None
+    max_retries: int = 2
+    log_dir: str | None = None
+
+
+def generate(
+    recipe: Recipe, out_url: str, execution: Execution = Execution(), *, overwrite: bool = False
+) -> RunResult:
+    """Render every shard of `recipe` not yet committed in OUT; finalize once all are."""
+    from synthgen.card import finalize
+    from synthgen.executors import progress_bar, rank_share, run_in_process, run_local_pool, run_ray
+    from synthgen.plan import build_plan
+
+    plan = build_plan(recipe, check_images=True)
     out = OutDir(out_url)
-    claim_output(out, recipe, overwrite=overwrite)
-    tasks = plan_shards(recipe)
-    state = run_state(out, recipe, tasks)
-    total = sum(t.size for t in tasks)
+    claim_output(out, recipe, plan, overwrite=overwrite)
+    tasks = plan.tasks
+    skipped = len(plan.cohort.skipped) if plan.cohort is not None else 0
+    state = run_state(out, tasks)
     if state.complete:
-        return RunResult(total, 0, 0.0, True, len(state.done))
-    out.remove_temporaries()
-    done = sum(t.size for t in state.done)
+        return RunResult(plan.total, 0, 0.0, True, len(tasks), skipped, True, {})
+    ranked = execution.rank is not None
+    if not ranked:
+        out.remove_temporaries()  # ranks leave them: another rank may be writing one right now
+    mine = rank_share(tasks, execution.rank, execution.world_size) if ranked else tasks
+    todo = [task for task in mine if task in state.todo]
     started = time.perf_counter()
-    with progress_bar(total, initial=done) as bar:
-        run_in_process(recipe, out, state.todo, device, bar)
+    with progress_bar(
+        sum(t.size for t in mine), initial=sum(t.size for t in mine) - sum(t.size for t in todo)
+    ) as bar:
+        if execution.executor == "ray":
+            outcome = run_ray(plan, out, todo, bar, execution.max_retries, execution.ray_address)
+        elif len(execution.devices) > 1:
+            outcome = run_local_pool(
+                plan, out, todo, execution.devices, bar, execution.max_retries, execution.log_dir
+            )
+        else:
+            outcome = run_in_process(
+                plan, out, todo, execution.devices[0], bar, execution.max_retries
+            )
     seconds = time.perf_counter() - started
-    finalize(out, tasks)
-    return RunResult(total, total - done, seconds, False, len(state.done))
+    rendered = sum(t.size for t in todo if t.name in outcome.committed)
+    committed = out.committed_records()
+    finalized = all(task.name in committed for task in tasks)
+    if finalized:
+        finalize(out)
+    return RunResult(
+        plan.total, rendered, seconds, False, len(state.done), skipped, finalized, outcome.failed
+    )

@@ -82,6 +82,8 @@ def dataset_features(recipe: Recipe) -> datasets.Features:
 
 def encode_image(image: Image.Image, recipe: Recipe) -> bytes:
     out = recipe.output
+    if out.grayscale:
+        image = image.convert("L")  # X-ray datasets: one channel, as the sources were
     buffer = io.BytesIO()
     options: dict = {}
     if out.image_format == "png":

@@ -11,10 +11,10 @@ from collections.abc import Callable
 from dataclasses import asdict
 
 from synthgen.card import MODEL_RECORD
+from synthgen.cohort import source_image_loader
 from synthgen.models import load_pipeline
 from synthgen.outdir import OutDir
-from synthgen.plan import ShardTask, shard_specs
-from synthgen.recipe import Recipe
+from synthgen.plan import Plan, ShardTask
 from synthgen.render import Renderer
 from synthgen.shards import ShardRecord, ShardWriter
 
@@ -22,19 +22,25 @@ Progress = Callable[[int], None]
 
 
 class Worker:
-    def __init__(self, recipe: Recipe, out: OutDir, device: str = "cpu"):
-        self.recipe = recipe
+    def __init__(self, plan: Plan, out: OutDir, device: str = "cpu"):
+        recipe = plan.recipe
+        self.plan = plan
         self.out = out
         started = time.perf_counter()
         pipe, identity = load_pipeline(recipe.model, mode=recipe.generation.mode, device=device)
         self.load_seconds = time.perf_counter() - started
-        self.renderer = Renderer(pipe, recipe.generation, device)
+        load_source = None
+        if plan.cohort is not None:
+            rows = {row.row: row for row in plan.cohort.rows}
+            load_row = source_image_loader(rows, recipe.source.preprocess)
+            load_source = lambda spec: load_row(spec.source_row)  # noqa: E731
+        self.renderer = Renderer(pipe, recipe.generation, device, load_source)
         self.writer = ShardWriter(out, recipe)
         if not out.exists(MODEL_RECORD):
             out.write_atomic(MODEL_RECORD, json.dumps(asdict(identity), indent=2).encode())
 
     def run_shard(self, task: ShardTask, progress: Progress | None = None) -> ShardRecord:
-        specs = shard_specs(self.recipe, task)
+        specs = self.plan.specs(task)
         timings = {"render": 0.0}
 
         def rendered():

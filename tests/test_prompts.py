@@ -1,0 +1,119 @@
+"""Prompt templates: format fields over label names, nothing more, checked before rendering."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import yaml
+
+from synthgen.errors import RecipeError
+from synthgen.plan import prompt_values, t2i_spec
+from synthgen.prompts import render_prompt, template_fields
+from synthgen.recipe import recipe_from_dict
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO = yaml.safe_load((ROOT / "recipes" / "demo.yaml").read_text())
+
+
+def demo_with(prompt: str, **labels) -> dict:
+    recipe = copy.deepcopy(DEMO)
+    recipe["prompt"] = prompt
+    recipe["labels"].update(labels)
+    return recipe
+
+
+# --- template_fields -------------------------------------------------------------------------
+
+
+def test_fields_are_the_label_names_in_order():
+    assert template_fields("{sex} {age} and {sex} again") == ["sex", "age", "sex"]
+    assert template_fields("no fields at all") == []
+    assert template_fields("literal {{braces}} stay") == []
+
+
+@pytest.mark.parametrize("template", ["{sbp:.0f}", "{age:>3}", "{age:03d}", "{sbp:,}", "{x_1:^10}"])
+def test_plain_format_specs_are_accepted(template):
+    assert len(template_fields(template)) == 1
+
+
+@pytest.mark.parametrize(
+    "template",
+    [
+        "{age.__class__}",
+        "{age.__class__.__init__.__globals__}",
+        "{sex[0]}",
+        "{age!r}",
+        "{age!s}",
+        "{age:{x}}",
+        "{age:>{width}}",
+        "{}",
+        "{0}",
+        "{age",
+        "age}",
+        "{not-a-name}",
+    ],
+)
+def test_anything_beyond_a_bare_name_is_refused(template):
+    with pytest.raises(ValueError, match="prompt"):
+        template_fields(template)
+
+
+# --- rendering -------------------------------------------------------------------------------
+
+
+def test_render_fills_fields_and_applies_plain_specs():
+    values = {"sbp": 121.6, "age": 7, "sex": "female"}
+    assert render_prompt("bp {sbp:.0f}, age {age:03d}, {sex}", values) == "bp 122, age 007, female"
+    assert render_prompt("{{literal}} {sex}", values) == "{literal} female"
+
+
+def test_a_recipe_with_a_format_spec_renders_through_the_plan():
+    recipe = recipe_from_dict(demo_with("age {age:>3} sbp {sbp:.1f} {laterality}"))
+    spec = t2i_spec(recipe, 3, "train")
+    labels = spec.labels
+    assert spec.prompt == f"age {labels['age']:>3} sbp {labels['sbp']:.1f} {labels['laterality']}"
+
+
+def test_multilabel_prompt_uses_join_and_none():
+    findings = {
+        "dist": "multilabel",
+        "values": {"atelectasis": 0.5, "effusion": 0.5},
+        "none": "no finding",
+        "join": " and ",
+    }
+    recipe = recipe_from_dict(demo_with("chest x-ray demonstrating {findings}", findings=findings))
+    shown = prompt_values(recipe, {"findings": ["atelectasis", "effusion"]})
+    assert shown == {"findings": "atelectasis and effusion"}
+    assert prompt_values(recipe, {"findings": []}) == {"findings": "no finding"}
+    prompts = {t2i_spec(recipe, i, "train").prompt for i in range(64)}
+    assert "chest x-ray demonstrating atelectasis and effusion" in prompts
+    assert "chest x-ray demonstrating no finding" in prompts
+    assert "chest x-ray demonstrating ['atelectasis']" not in prompts
+
+
+# --- validation through the recipe -----------------------------------------------------------
+
+
+def test_a_template_naming_an_unknown_label_is_rejected_at_validation():
+    with pytest.raises(RecipeError, match=r"\{diagnosis\}"):
+        recipe_from_dict(demo_with("fundus with {diagnosis}"))
+
+
+@pytest.mark.parametrize("template", ["{age.__class__}", "{sex[0]}", "{age!r}", "{age:{sex}}"])
+def test_unsafe_templates_are_rejected_at_validation(template):
+    with pytest.raises(RecipeError):
+        recipe_from_dict(demo_with(template))
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="bug: recipe.py validates the format spec's characters only; '{sex:.0f}' on a "
+    "categorical passes validation, then render_prompt raises ValueError (a traceback)",
+)
+@pytest.mark.parametrize("template", ["{sex:.0f}", "{age:zz}"])
+def test_a_format_spec_the_label_cannot_take_is_rejected_at_validation(template):
+    with pytest.raises(RecipeError, match="prompt"):
+        recipe = recipe_from_dict(demo_with(template))
+        t2i_spec(recipe, 0, "train")  # if validation let it through, it must render
