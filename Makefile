@@ -23,6 +23,12 @@ $(VENV)/.installed: pyproject.toml
 demo: install
 	$(BIN)/synthgen generate recipes/demo.yaml -o data/demo
 
+demo-i2i: install data/demo-cohort/manifest.csv
+	$(BIN)/synthgen generate recipes/demo-i2i.yaml -o data/demo-i2i
+
+data/demo-cohort/manifest.csv: | install
+	$(BIN)/python -m synthgen.democohort data/demo-cohort 16
+
 test: install
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 

@@ -364,7 +364,7 @@ def _fidelity(rows: np.ndarray, scores: PairFidelity, scorer: LpipsScorer | None
     out: dict[str, Any] = {
         "psnr_db": mean_estimate(scores.psnr[rows], "higher is closer to the source").to_dict(),
         "ssim": mean_estimate(ssim[~np.isnan(ssim)], "higher is closer to the source").to_dict(),
-        "resize": "synthetic resized to the source's size (bicubic), RGB in [0, 1]",
+        "resize": "RGB in [0, 1] at the smaller of the two sizes (the larger downsampled, Lanczos)",
     }
     if scores.lpips is None:
         reason = scorer.reason if scorer is not None else "not requested"

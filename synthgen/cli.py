@@ -152,7 +152,6 @@ def generate(recipe, out, num_samples, devices, workers_per_device, executor, ad
     log_dir = None
     if "://" not in out or out.startswith("file://"):
         log_dir = str(Path(out.removeprefix("file://")) / ".synthgen" / "logs")
-        Path(log_dir).mkdir(parents=True, exist_ok=True)
     execution = Execution(device_list, executor, address, rank, world_size, max_retries, log_dir)
     result = run(loaded, out, execution, overwrite=overwrite)
     if result.already_complete:

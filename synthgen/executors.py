@@ -142,6 +142,8 @@ def run_local_pool(
     outcome = Outcome()
     if not tasks:
         return outcome
+    if log_dir:
+        Path(log_dir).mkdir(parents=True, exist_ok=True)
     context = mp.get_context("spawn")
     todo, events = context.Queue(), context.Queue()
     tasks = list(tasks)

@@ -1,9 +1,9 @@
 """Utility side of the audit: pair fidelity, distribution fidelity and label agreement.
 
-Pair fidelity compares each synthetic image with its source after resizing the synthetic image
-to the source's size (bicubic), both as RGB in [0, 1]. PSNR is capped at 100 dB (identical
-images). SSIM is the standard Gaussian-window SSIM, written here in separable float32
-convolutions because torchmetrics' version is ten times slower on a CPU. Distribution fidelity uses the audit's embedder as the feature extractor.
+Pair fidelity compares each synthetic image with its source as RGB in [0, 1] at the smaller of
+their two sizes: the larger image is downsampled (Lanczos), never the smaller one upsampled.
+PSNR is capped at 100 dB (identical images). Distribution fidelity uses the audit's embedder as
+the feature extractor.
 """
 
 from __future__ import annotations
@@ -28,16 +28,20 @@ from synthgen.reid import (
 )
 
 PSNR_CAP_DB = 100.0
+KID_SUBSETS = 50  # torchmetrics uses 100; half the time, the spread still gives an interval
 
 
 def to_pair_tensors(
     synthetic: Image.Image, source: Image.Image
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Synthetic resized to the source's size; both (3, H, W) float in [0, 1]."""
-    source_rgb = source.convert("RGB")
-    synthetic_rgb = synthetic.convert("RGB")
+    """Both images at the smaller of their two sizes; (3, H, W) float in [0, 1] each."""
+    synthetic_rgb, source_rgb = synthetic.convert("RGB"), source.convert("RGB")
     if synthetic_rgb.size != source_rgb.size:
-        synthetic_rgb = synthetic_rgb.resize(source_rgb.size, Image.Resampling.BICUBIC)
+        # Downsample the larger one (antialiased) rather than invent detail by upsampling.
+        if synthetic_rgb.size[0] * synthetic_rgb.size[1] > source_rgb.size[0] * source_rgb.size[1]:
+            synthetic_rgb = synthetic_rgb.resize(source_rgb.size, Image.Resampling.LANCZOS)
+        else:
+            source_rgb = source_rgb.resize(synthetic_rgb.size, Image.Resampling.LANCZOS)
     return _chw(synthetic_rgb), _chw(source_rgb)
 
 
@@ -65,34 +69,40 @@ def psnr_ssim(pairs: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> tuple[np.nd
 def ssim_batch(
     x: torch.Tensor, y: torch.Tensor, sigma: float = 1.5, window: int = 11
 ) -> torch.Tensor:
-    """SSIM of (B, C, H, W) images in [0, 1] (Wang et al. 2004): Gaussian window, valid region,
-    K1 = 0.01, K2 = 0.03, averaged over the map and channels. The window shrinks (odd) for images
-    smaller than it; images under 3 pixels get NaN. Separable float32 convolutions, so 10^4 pairs
-    take seconds on a CPU."""
+    """SSIM of (B, C, H, W) images in [0, 1] (Wang et al. 2004): Gaussian window 11, sigma 1.5,
+    K1 = 0.01, K2 = 0.03, mean over the valid region (as scikit-image; torchmetrics also averages
+    reflect-padded borders, a difference of ~0.003 at 64 px) and channels. The window shrinks
+    (odd) for images smaller than it; under 3 pixels, NaN."""
     window = min(window, x.shape[-1], x.shape[-2])
     window -= 1 - window % 2
     if window < 3:
         return torch.full((x.shape[0],), float("nan"))
-    channels = x.shape[1]
-    offsets = torch.arange(window, dtype=torch.float32) - window // 2
-    gauss = torch.exp(-(offsets**2) / (2 * sigma**2))
-    gauss = gauss / gauss.sum()
-    rows = gauss.view(1, 1, 1, window).repeat(channels, 1, 1, 1)
-    cols = gauss.view(1, 1, window, 1).repeat(channels, 1, 1, 1)
-
-    def blur(image: torch.Tensor) -> torch.Tensor:
-        image = torch.nn.functional.conv2d(image, rows, groups=channels)
-        return torch.nn.functional.conv2d(image, cols, groups=channels)
-
+    # Blurring as products with banded matrices: several times faster than conv2d on a CPU.
+    rows, cols = (
+        _band(x.shape[-2], window, sigma, x.dtype),
+        _band(x.shape[-1], window, sigma, x.dtype),
+    )
+    maps = torch.stack([x, y, x * x, y * y, x * y])
+    mu_x, mu_y, xx, yy, xy = rows.T @ maps @ cols
+    var_x = (xx - mu_x**2).clamp_min(0)
+    var_y = (yy - mu_y**2).clamp_min(0)
+    cov = xy - mu_x * mu_y
     c1, c2 = 0.01**2, 0.03**2
-    mu_x, mu_y = blur(x), blur(y)
-    var_x = blur(x * x) - mu_x**2
-    var_y = blur(y * y) - mu_y**2
-    cov = blur(x * y) - mu_x * mu_y
     ssim_map = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / (
         (mu_x**2 + mu_y**2 + c1) * (var_x + var_y + c2)
     )
     return ssim_map.flatten(1).mean(1)
+
+
+def _band(size: int, window: int, sigma: float, dtype: torch.dtype) -> torch.Tensor:
+    """(size, size - window + 1) matrix whose columns are the shifted Gaussian window."""
+    offsets = torch.arange(window, dtype=dtype) - window // 2
+    gauss = torch.exp(-(offsets**2) / (2 * sigma**2))
+    gauss = gauss / gauss.sum()
+    band = torch.zeros((size, size - window + 1), dtype=dtype)
+    for k in range(window):
+        band.diagonal(-k)[:] = gauss[k]
+    return band
 
 
 class LpipsScorer:
@@ -155,7 +165,7 @@ def fid_kid(
     with warnings.catch_warnings():  # it warns that it keeps all features: so do we, by design
         warnings.simplefilter("ignore", UserWarning)
         kid = KernelInceptionDistance(
-            feature=_PrecomputedFeatures(real.shape[1]), subset_size=subset
+            feature=_PrecomputedFeatures(real.shape[1]), subsets=KID_SUBSETS, subset_size=subset
         )
     kid.update(real, real=True)
     kid.update(fake, real=False)
@@ -168,7 +178,7 @@ def fid_kid(
             (kid_mean - Z95 * kid_std, kid_mean + Z95 * kid_std),
             fake.shape[0],
             "lower is closer",
-            f"100 subsets of {subset}; interval from their spread",
+            f"{KID_SUBSETS} subsets of {subset}; interval from their spread",
         ),
         None,
     )

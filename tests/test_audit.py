@@ -396,3 +396,40 @@ def test_pixels_embedder_is_pixel_correlation():
     cosine = torch.nn.functional.cosine_similarity(features[0:1], features[1:2]).item()
     assert cosine > 0.99
     assert embedder.weights_sha256 == "none"
+
+
+def test_psnr_and_ssim_against_hand_computed_values():
+    from synthgen.fidelity import psnr_ssim, ssim_batch, to_pair_tensors
+
+    grey = torch.full((3, 16, 16), 0.5)
+    psnr, ssim = psnr_ssim([(grey + 0.1, grey), (grey, grey)])
+    assert psnr[0] == pytest.approx(20.0, abs=1e-4)  # MSE 0.01 -> 10·log10(1/0.01)
+    assert psnr[1] == 100.0  # identical: capped
+    assert ssim[1] == pytest.approx(1.0)
+    # SSIM brute force: every 11x11 window of a 14x13 image, Gaussian weights, float64
+    gen = torch.Generator().manual_seed(2)
+    x = torch.rand(1, 1, 14, 13, generator=gen, dtype=torch.float64)
+    y = (x + 0.3 * torch.rand(1, 1, 14, 13, generator=gen, dtype=torch.float64)).clamp(0, 1)
+    g = torch.exp(-((torch.arange(11, dtype=torch.float64) - 5) ** 2) / (2 * 1.5**2))
+    w = torch.outer(g, g) / torch.outer(g, g).sum()
+    values = []
+    for i in range(14 - 10):
+        for j in range(13 - 10):
+            a, b = x[0, 0, i : i + 11, j : j + 11], y[0, 0, i : i + 11, j : j + 11]
+            ma, mb = (w * a).sum(), (w * b).sum()
+            va, vb = (w * a * a).sum() - ma**2, (w * b * b).sum() - mb**2
+            cov = (w * a * b).sum() - ma * mb
+            c1, c2 = 0.01**2, 0.03**2
+            values.append(
+                (2 * ma * mb + c1) * (2 * cov + c2) / ((ma**2 + mb**2 + c1) * (va + vb + c2))
+            )
+    assert ssim_batch(x, y).item() == pytest.approx(torch.stack(values).mean().item(), abs=1e-9)
+    # different sizes: compared at the smaller size, never upsampled
+    big, small = (
+        Image.new("RGB", (64, 48), (200, 10, 10)),
+        Image.new("RGB", (32, 24), (200, 10, 10)),
+    )
+    syn, src = to_pair_tensors(big, small)
+    assert syn.shape == src.shape == (3, 24, 32)
+    syn, src = to_pair_tensors(small, big)
+    assert syn.shape == src.shape == (3, 24, 32)

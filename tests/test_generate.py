@@ -90,13 +90,13 @@ def test_multilabel_prompts_join_findings(generated):
 def test_runs_are_identical_and_independent_of_shard_size(tmp_path, generated):
     reference = image_digests(generated)
     again = tmp_path / "again"
-    generate(recipe_from_dict(small_recipe()), str(again), device="cpu")
+    generate(recipe_from_dict(small_recipe()), str(again))
     assert image_digests(again) == reference
     assert [Path(t).read_bytes() for t in tars(again)] == [
         Path(t).read_bytes() for t in tars(generated)
     ]
     reshard = tmp_path / "reshard"
-    generate(recipe_from_dict(small_recipe(shard_size=3)), str(reshard), device="cpu")
+    generate(recipe_from_dict(small_recipe(shard_size=3)), str(reshard))
     assert len(tars(reshard)) > len(tars(generated))
     assert image_digests(reshard) == reference
 

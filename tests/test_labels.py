@@ -318,22 +318,32 @@ CLI_LABELS = {
 CLI_N = 3000
 
 
-@pytest.fixture(scope="module")
-def cli_lines(tmp_path_factory) -> list[dict]:
+@pytest.fixture(scope="module", autouse=True)
+def cli_run(tmp_path_factory):
+    """`synthgen sample -n 3000`, started before the module's first test so it runs alongside."""
     recipe = yaml.safe_load((ROOT / "recipes" / "demo.yaml").read_text())
     recipe.update(name="marginals", seed=7, num_samples=CLI_N, prompt=CLI_TEMPLATE)
     recipe["labels"] = CLI_LABELS
     path = tmp_path_factory.mktemp("marginals") / "marginals.yaml"
     path.write_text(yaml.safe_dump(recipe, sort_keys=False))
-    result = subprocess.run(
+    proc = subprocess.Popen(
         [str(SYNTHGEN), "sample", str(path), "-n", str(CLI_N)],
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
-        timeout=120,
     )
-    assert result.returncode == 0, result.stderr
-    assert result.stderr == ""
-    return [json.loads(line) for line in result.stdout.splitlines()]
+    yield proc
+    if proc.poll() is None:
+        proc.kill()
+        proc.communicate()
+
+
+@pytest.fixture(scope="module")
+def cli_lines(cli_run) -> list[dict]:
+    out, err = cli_run.communicate(timeout=120)
+    assert cli_run.returncode == 0, err
+    assert err == ""
+    return [json.loads(line) for line in out.splitlines()]
 
 
 def column(lines: list[dict], name: str) -> list:

@@ -165,12 +165,12 @@ def test_keys_are_name_dash_eight_digits_without_a_dot():
 # --- the real CLI: `synthgen sample --start` -------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def sample_runs(tmp_path_factory) -> tuple[list[dict], list[dict]]:
-    """`sample -n 200` and `sample --start 90 -n 20` of the demo recipe (96 samples), run at once."""
+@pytest.fixture(scope="module", autouse=True)
+def sample_procs(tmp_path_factory):
+    """`sample -n 200` and `sample --start 90 -n 20` of the demo recipe (96 samples), started
+    before the module's first test so they run alongside the in-process tests."""
     path = tmp_path_factory.mktemp("plan") / "demo.yaml"
     path.write_text((ROOT / "recipes" / "demo.yaml").read_text())
-    commands = [["-n", "200"], ["--start", "90", "-n", "20"]]
     procs = [
         subprocess.Popen(
             [str(SYNTHGEN), "sample", str(path), *args],
@@ -178,10 +178,19 @@ def sample_runs(tmp_path_factory) -> tuple[list[dict], list[dict]]:
             stderr=subprocess.PIPE,
             text=True,
         )
-        for args in commands
+        for args in (["-n", "200"], ["--start", "90", "-n", "20"])
     ]
-    runs = []
+    yield procs
     for proc in procs:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+
+
+@pytest.fixture(scope="module")
+def sample_runs(sample_procs) -> tuple[list[dict], list[dict]]:
+    runs = []
+    for proc in sample_procs:
         out, err = proc.communicate(timeout=120)
         assert proc.returncode == 0, err
         runs.append([json.loads(line) for line in out.splitlines()])

@@ -11,6 +11,7 @@ import copy
 import os
 import subprocess
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -352,18 +353,19 @@ def test_console_script_bad_recipe_exits_2_with_one_line(console_run):
     not os.environ.get("SYNTHGEN_SLOW_TESTS"), reason="set SYNTHGEN_SLOW_TESTS=1 (~3 s a case)"
 )
 def test_console_script_every_bad_recipe(tmp_path):
-    runs = []
-    for param in BAD_RECIPES:
+    def run(param) -> str | None:
         folder = tmp_path / param.id
         folder.mkdir()
         path = param.values[0](folder)
-        runs.append((param, path, run_validate(path, folder)))
-    failures = []
-    for param, path, proc in runs:
-        out, err = proc.communicate(timeout=300)
+        proc = run_validate(path, folder)
+        _, err = proc.communicate(timeout=300)
         try:
             assert_one_error_line(proc.returncode, err, path, param.values[1])
         except AssertionError as exc:
-            failures.append(f"{param.id}: {exc}")
+            return f"{param.id}: {exc}"
+        return None
+
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
+        failures = [f for f in pool.map(run, BAD_RECIPES) if f]
     expected = sorted(p.id for p in BAD_RECIPES if p.marks)  # the known bugs (xfail above)
     assert sorted(f.split(":")[0] for f in failures) == expected, "\n".join(failures)
