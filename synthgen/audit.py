@@ -11,18 +11,20 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from synthgen import audit_report
-from synthgen.audit_stream import ImageLike, PairFidelity, embed_stream
+from synthgen.audit_items import SourceItem, SyntheticItem, validate_inputs
+from synthgen.audit_stream import PairFidelity, embed_stream
 from synthgen.embedders import AuditError, load_embedder
-from synthgen.fidelity import LabelHead, LpipsScorer, fid_kid, label_agreement, prdc
+from synthgen.fidelity import LabelHead, LpipsScorer, fid_kid, label_agreement, prdc, real_radii
 from synthgen.memorisation import check_memorisation
 from synthgen.reid import RankResult, mean_estimate, normalise, rank_sources, summarise_level
 
@@ -42,99 +44,6 @@ ALL_STRENGTHS = "i2i all strengths"
 
 class ChanceLevelWarning(UserWarning):
     """An attack did no better than chance: the attack failed, which does not prove privacy."""
-
-
-@dataclass(frozen=True)
-class SyntheticItem:
-    """A synthetic image; `source_id` links an image-to-image output to its source (T2I: None)."""
-
-    key: str
-    image: ImageLike
-    source_id: str | None
-    strength: float | None
-
-
-@dataclass(frozen=True)
-class SourceItem:
-    """A real image; `labels` (label name -> value) are needed only for label utility."""
-
-    source_id: str
-    patient_id: str
-    image: ImageLike
-    labels: Mapping[str, Any] = field(default_factory=dict)
-
-
-@dataclass
-class _Group:
-    mode: str  # "i2i" | "t2i"
-    strength: float | None
-    name: str
-    rows: np.ndarray  # indices into the synthetic sequence
-
-
-def _validate(
-    synthetic: Sequence[SyntheticItem],
-    sources: Sequence[SourceItem],
-    holdout: Sequence[SourceItem],
-    predictor: str | None,
-    label_heads: Sequence[LabelHead],
-) -> dict[str, int]:
-    if not synthetic:
-        raise AuditError("no synthetic images to audit")
-    if len(sources) < 2:
-        raise AuditError(f"the source cohort has {len(sources)} image(s); at least 2 are needed")
-    index: dict[str, int] = {}
-    for i, source in enumerate(sources):
-        if not source.patient_id:
-            raise AuditError("source has no patient id", where=f"source #{i}")
-        if source.source_id in index:  # the id itself is protected: say where, not what
-            raise AuditError("duplicate source id", where=f"source #{i}")
-        index[source.source_id] = i
-    keys = set()
-    linked = absent = 0
-    first_absent = None
-    for item in synthetic:
-        if item.key in keys:
-            raise AuditError(f"synthetic key {item.key!r} appears twice")
-        keys.add(item.key)
-        if not item.source_id:
-            if item.strength is not None:
-                raise AuditError(
-                    f"synthetic {item.key!r} is image-to-image (strength {item.strength}) but "
-                    "has no source: its key is absent from the linkage"
-                )
-            continue
-        linked += 1
-        if item.source_id not in index:
-            absent += 1
-            first_absent = first_absent or item.key
-    if linked and absent == linked:
-        raise AuditError(
-            f"none of the {linked} image-to-image synthetic images links to an image of the "
-            "source cohort: is the linkage for this cohort?"
-        )
-    if absent:
-        raise AuditError(
-            f"{absent} of {linked} synthetic images link to sources absent from the source "
-            f"cohort (first: {first_absent!r}); audit against the full cohort they came from"
-        )
-    train_patients = {source.patient_id for source in sources}
-    if any(item.patient_id in train_patients for item in holdout):
-        raise AuditError("the holdout cohort shares patients with the training cohort")
-    if bool(predictor) != bool(label_heads):
-        raise AuditError("label utility needs both a predictor and its label heads")
-    for head in label_heads:
-        if head.kind not in ("numeric", "categorical"):
-            raise AuditError(f"label {head.name!r}: kind must be numeric or categorical")
-        for item in synthetic:
-            if item.source_id:
-                value = sources[index[item.source_id]].labels.get(head.name)
-                if value is None or (head.kind == "categorical" and str(value) not in head.classes):
-                    raise AuditError(
-                        f"label {head.name!r} of the source of {item.key!r} is missing or not "
-                        f"one of {list(head.classes) or 'its classes'}"
-                    )
-    return index
 
 
 @dataclass
@@ -189,7 +98,7 @@ def run_audit(
     (real images never trained on). `label_heads` map the predictor's output columns to the
     sources' `labels`. `settings` are extra caller settings recorded in the report (no ids).
     """
-    index = _validate(synthetic, sources, holdout, predictor, label_heads)
+    index = validate_inputs(synthetic, sources, holdout, predictor, label_heads)
     embed = load_embedder(embedder, device)
     predict = load_embedder(predictor, device, keep_head=True) if predictor else None
     groups = _groups(synthetic)
@@ -253,7 +162,8 @@ def run_audit(
         )
 
     entries, found_warnings = [], []
-    for group in groups:
+    reference = _RealReference(real.features, device)
+    for group in tqdm(groups, desc="scoring groups", unit="group", disable=not progress):
         entry: dict[str, Any] = {
             "mode": group.mode,
             "strength": group.strength,
@@ -271,7 +181,7 @@ def run_audit(
                 group.rows, source_rows, sources, label_heads, fake.predictions, real.predictions
             )
         if distribution:
-            entry["distribution"] = _distribution(real.features, fake.features, group.rows, device)
+            entry["distribution"] = _distribution(reference, fake.features, group.rows)
         entries.append(entry)
     for message in found_warnings:
         warnings.warn(message, ChanceLevelWarning, stacklevel=2)
@@ -397,20 +307,39 @@ def _label_utility(
     return {"computed": True, "labels": labels}
 
 
-def _distribution(
-    real: torch.Tensor, fake: torch.Tensor, rows: np.ndarray, device: str
-) -> dict[str, Any]:
-    fid, kid, reason = fid_kid(real, fake[rows])
+class _RealReference:
+    """The real side of the distribution metrics, shared by every group: computed once."""
+
+    def __init__(self, features: torch.Tensor, device: str):
+        self.features, self.device = features, device
+        rows = np.arange(len(features))
+        if len(rows) > DISTRIBUTION_MAX:
+            rng = np.random.default_rng(0)
+            rows = np.sort(rng.choice(rows, DISTRIBUTION_MAX, replace=False))
+        self.unit = normalise(features[rows])
+        self._radii: dict[int, np.ndarray] = {}
+
+    def radii(self, k: int) -> np.ndarray:
+        if k not in self._radii:
+            self._radii[k] = real_radii(self.unit, k, self.device)
+        return self._radii[k]
+
+
+def _distribution(reference: _RealReference, fake: torch.Tensor, rows: np.ndarray) -> dict:
+    fid, kid, reason = fid_kid(reference.features, fake[rows])
     if reason:
         return {"computed": False, "reason": reason}
-    rng = np.random.default_rng(0)
-    real_rows = np.arange(len(real))
-    if len(real_rows) > DISTRIBUTION_MAX:
-        real_rows = np.sort(rng.choice(real_rows, DISTRIBUTION_MAX, replace=False))
     if len(rows) > DISTRIBUTION_MAX:
+        rng = np.random.default_rng(0)
         rows = np.sort(rng.choice(rows, DISTRIBUTION_MAX, replace=False))
-    k = min(5, len(real_rows) - 1, len(rows) - 1)
-    scores = prdc(normalise(real[real_rows]), normalise(fake[rows]), k=k, device=device)
+    k = min(5, len(reference.unit) - 1, len(rows) - 1)
+    scores = prdc(
+        reference.unit,
+        normalise(fake[rows]),
+        k=k,
+        device=reference.device,
+        real_kth=reference.radii(k),
+    )
     out = {"computed": True, "fid": fid.to_dict(), "kid": kid.to_dict(), "prdc_k": k}
     for name in ("precision", "recall", "density", "coverage"):
         out[name] = getattr(scores, name).to_dict()

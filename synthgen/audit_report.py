@@ -142,18 +142,28 @@ def _markdown(report: dict) -> str:
     lines += ["", "## Read this first", ""] + [f"- {note}" for note in report["notes"]]
     if report["warnings"]:
         lines += ["", "## Warnings", ""] + [f"- ⚠ {message}" for message in report["warnings"]]
-    lines += [
+    groups = report["groups"]
+    i2i = [group for group in groups if group.get("reidentification")]
+    if i2i:
+        lines += _md_reidentification(i2i) + _md_fidelity(i2i) + _md_labels(i2i)
+    lines += _md_distribution([group for group in groups if group.get("distribution")])
+    if report.get("memorisation"):
+        lines += _md_memorisation(report["memorisation"])
+    lines += ["", "## Files", ""] + [f"- `{name}`" for name in report["files"]]
+    return "\n".join(lines) + "\n"
+
+
+def _md_reidentification(groups: list[dict]) -> list[str]:
+    lines = [
         "",
         "## Re-identification (95% Wilson intervals; chance beside each rate)",
         "",
         "| group | level | N | top-1 | chance | risk | top-5 | chance | risk | mean rank | AUC |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for group in report["groups"]:
+    for group in groups:
         for level in ("image", "patient"):
-            summary = _get(group, "reidentification", level)
-            if not summary:
-                continue
+            summary = group["reidentification"][level]
             top1, top5 = summary["top1"], summary["top5"]
             lines.append(
                 f"| {group['name']} | {level} | {group['n_synthetic']} | {_fmt(top1)} | "
@@ -161,7 +171,11 @@ def _markdown(report: dict) -> str:
                 f"{top5['chance']:.4f} | {top5['risk']:.3f} | {_fmt(summary['mean_rank'], 1)} | "
                 f"{_fmt(summary['verification_auc'])} |"
             )
-    lines += [
+    return lines
+
+
+def _md_fidelity(groups: list[dict]) -> list[str]:
+    lines = [
         "",
         "## Fidelity to the source",
         "",
@@ -169,41 +183,46 @@ def _markdown(report: dict) -> str:
         "|---|---|---|---|",
     ]
     lpips_reason = None
-    for group in report["groups"]:
-        fidelity = group.get("fidelity")
-        if fidelity:
-            lpips = fidelity["lpips"]
-            lpips_reason = lpips.get("reason") if lpips.get("computed") is False else None
-            lines.append(
-                f"| {group['name']} | {_fmt(fidelity['psnr_db'], 2)} | {_fmt(fidelity['ssim'])} "
-                f"| {_fmt(lpips) if lpips_reason is None else 'not computed'} |"
-            )
+    for group in groups:
+        fidelity = group["fidelity"]
+        lpips = fidelity["lpips"]
+        lpips_reason = lpips.get("reason") if lpips.get("computed") is False else None
+        lines.append(
+            f"| {group['name']} | {_fmt(fidelity['psnr_db'], 2)} | {_fmt(fidelity['ssim'])} "
+            f"| {_fmt(lpips) if lpips_reason is None else 'not computed'} |"
+        )
+    lines += ["", f"Compared {groups[0]['fidelity']['resize']}."]
     if lpips_reason:
-        lines += ["", f"LPIPS not computed: {lpips_reason}."]
-    lines += ["", "## Label utility", ""]
-    for group in report["groups"]:
-        utility = group.get("label_utility")
-        if not utility:
-            continue
-        if not utility["computed"]:
-            lines.append(f"- {group['name']}: not computed: {utility['reason']}")
-            continue
-        for label, metrics in utility["labels"].items():
+        lines.append(f"LPIPS not computed: {lpips_reason}.")
+    return lines
+
+
+def _md_labels(groups: list[dict]) -> list[str]:
+    lines = ["", "## Label utility", ""]
+    first = groups[0]["label_utility"]
+    if not first["computed"]:
+        return lines + [f"Not computed: {first['reason']}."]
+    for group in groups:
+        for label, metrics in group["label_utility"]["labels"].items():
             cells = "; ".join(
                 f"{name.replace('_', ' ')} {_fmt(est)}" for name, est in metrics.items()
             )
             lines.append(f"- {group['name']}, **{label}**: {cells}")
-    lines += [
+    return lines
+
+
+def _md_distribution(groups: list[dict]) -> list[str]:
+    if not groups:
+        return []
+    lines = [
         "",
-        "## Distribution fidelity (features: the audit embedder)",
+        "## Distribution fidelity against all sources (features: the audit embedder)",
         "",
         "| group | FID | KID | precision | recall | density | coverage |",
         "|---|---|---|---|---|---|---|",
     ]
-    for group in report["groups"]:
-        dist = group.get("distribution")
-        if not dist:
-            continue
+    for group in groups:
+        dist = group["distribution"]
         if not dist["computed"]:
             lines.append(f"| {group['name']} | {dist['reason']} | | | | | |")
             continue
@@ -212,29 +231,29 @@ def _markdown(report: dict) -> str:
             for name in ("fid", "kid", "precision", "recall", "density", "coverage")
         )
         lines.append(f"| {group['name']} | {cells} |")
-    memorisation = report.get("memorisation")
-    if memorisation:
-        lines += ["", "## Memorisation (text-to-image)", ""]
+    return lines
+
+
+def _md_memorisation(memorisation: dict) -> list[str]:
+    lines = ["", "## Memorisation (text-to-image)", ""]
+    lines.append(
+        f"- nearest training similarity: {_fmt(memorisation['nearest_training_similarity'])}"
+    )
+    if "threshold" in memorisation:
+        threshold = memorisation["threshold"]
         lines.append(
-            f"- nearest training similarity: {_fmt(memorisation['nearest_training_similarity'])}"
+            f"- threshold {threshold['value']:.4f} (quantile {threshold['quantile']} of "
+            f"{threshold['n_reference']} real-vs-real different-patient neighbours); "
+            f"share above: {_fmt(memorisation['above_threshold'])}"
         )
-        if "threshold" in memorisation:
-            threshold = memorisation["threshold"]
-            lines.append(
-                f"- threshold {threshold['value']:.4f} (quantile {threshold['quantile']} of "
-                f"{threshold['n_reference']} real-vs-real different-patient neighbours); "
-                f"share above: {_fmt(memorisation['above_threshold'])}"
-            )
-        versus = memorisation["closer_to_training_than_holdout"]
-        versus_text = _fmt(versus) if versus.get("computed", True) else versus["reason"]
-        lines.append(f"- share closer to training than holdout: {versus_text}")
-        lines += ["", "| closest synthetic | similarity | above threshold |", "|---|---|---|"]
-        lines += [
-            f"| {c['key']} | {c['similarity']:.4f} | {c['above']} |"
-            for c in memorisation["closest"]
-        ]
-    lines += ["", "## Files", ""] + [f"- `{name}`" for name in report["files"]]
-    return "\n".join(lines) + "\n"
+    versus = memorisation["closer_to_training_than_holdout"]
+    versus_text = _fmt(versus) if versus.get("computed", True) else versus["reason"]
+    lines.append(f"- share closer to training than holdout (0.5 = none): {versus_text}")
+    lines += ["", "| closest synthetic | similarity | above threshold |", "|---|---|---|"]
+    lines += [
+        f"| {c['key']} | {c['similarity']:.4f} | {c['above']} |" for c in memorisation["closest"]
+    ]
+    return lines
 
 
 def _tradeoff(report: dict, path: Path) -> None:
@@ -278,7 +297,7 @@ def _tradeoff(report: dict, path: Path) -> None:
         )
     ax.set_xlabel(x_label)
     ax.set_ylabel("top-1 re-identification rate")
-    ax.set_ylim(-0.02, 1.02)
+    ax.set_ylim(-0.02, 1.1)
     ax.set_title(
         f"Privacy–utility tradeoff (embedder: {report['settings']['embedder']})", fontsize=10
     )

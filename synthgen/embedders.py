@@ -11,11 +11,13 @@ Names:
                                   already be in the Hugging Face cache
     PATH.pt | PATH.pth | PATH.ts  a TorchScript module (torch.jit.save), e.g. a re-identification
     torchscript:PATH              network trained on your own cohort: the strongest attacker
+    PATH.pt2                      a torch.export program (torch.export.save), exported with a
+                                  dynamic batch dimension; the successor to TorchScript
 
 Any name may end in `?size=N` (network input side, default 224; for pixels, same as `:N`).
 Backbones get ImageNet-normalised RGB at N x N and lose their classifier head when used as
-embedders (a predictor keeps it). TorchScript modules get float RGB in [0, 1], shape (B, 3, N, N),
-and do their own normalisation; they must return (B, D).
+embedders (a predictor keeps it). TorchScript and exported modules get float RGB in [0, 1], shape
+(B, 3, N, N), and do their own normalisation; they must return (B, D).
 
 Nothing is ever downloaded. The default embedders are generic: they give a lower bound on
 re-identification risk, since an attacker with a network trained on the cohort can do better.
@@ -143,6 +145,9 @@ def load_embedder(name: str, device: str = "cpu", *, keep_head: bool = False) ->
         model, sha = _load_timm(name, arch, weights or None, keep_head)
         return Embedder(name, sha, size, _on_device(model, device), True, device)
     path = Path(base.removeprefix("torchscript:")).expanduser()
+    if path.suffix == ".pt2":
+        sha = file_sha256(_existing(name, path))
+        return Embedder(name, sha, size, _load_exported(name, path, device), False, device)
     if base.startswith("torchscript:") or path.suffix in TORCHSCRIPT_SUFFIXES:
         return Embedder(
             name,
@@ -183,6 +188,17 @@ def _load_torchscript(name: str, path: Path, device: str) -> torch.nn.Module:
             "name its architecture: torchvision:ARCH@PATH or timm:ARCH@PATH"
         ) from exc
     return module.eval()
+
+
+def _load_exported(name: str, path: Path, device: str) -> torch.nn.Module:
+    try:
+        return torch.export.load(str(path)).module().to(device)
+    except Exception as exc:
+        raise AuditError(
+            f"embedder {name!r}: {path} is not a torch.export program ({exc.__class__.__name__}); "
+            "save one with torch.export.save(torch.export.export(model, (example,), "
+            "dynamic_shapes=...), path)"
+        ) from exc
 
 
 def _read_state_dict(name: str, path: Path) -> dict[str, torch.Tensor]:

@@ -34,3 +34,11 @@ class ModelError(SynthgenError):
 
 class OutputError(SynthgenError):
     """The output directory holds something that must not be overwritten or is incomplete."""
+
+
+class FieldError(ValueError):
+    """Raised inside a pydantic model validator to name the field at fault (`std`, not the label)."""
+
+    def __init__(self, field: str, message: str):
+        self.field = field
+        super().__init__(message)

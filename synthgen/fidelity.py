@@ -201,12 +201,26 @@ class PRDC:
     coverage: Estimate
 
 
-def prdc(real: torch.Tensor, fake: torch.Tensor, *, k: int = 5, device: str = "cpu") -> PRDC:
+def real_radii(real: torch.Tensor, k: int, device: str = "cpu") -> np.ndarray:
+    """Similarity of each real image to its k-th nearest other real image (its ball's edge)."""
+    return nearest_similarity(real, real, k=k + 1, device=device)[0][:, -1]  # +1: itself
+
+
+def prdc(
+    real: torch.Tensor,
+    fake: torch.Tensor,
+    *,
+    k: int = 5,
+    device: str = "cpu",
+    real_kth: np.ndarray | None = None,
+) -> PRDC:
     """Precision, recall, density, coverage (Naeem et al. 2020) on normalised embeddings.
 
     Euclidean balls on the unit sphere are similarity thresholds: d <= r  <=>  s >= s_k.
+    `real_kth` (from `real_radii`) saves the real-vs-real search when several groups share reals.
     """
-    real_kth = nearest_similarity(real, real, k=k + 1, device=device)[0][:, -1]  # +1: itself
+    if real_kth is None:
+        real_kth = real_radii(real, k, device)
     fake_kth = nearest_similarity(fake, fake, k=k + 1, device=device)[0][:, -1]
     real_thr = torch.as_tensor(real_kth, device=device)
     fake_thr = torch.as_tensor(fake_kth, device=device)

@@ -13,6 +13,8 @@ from typing import Annotated, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from synthgen.errors import FieldError
+
 LabelValue = str | int | float | list[str]
 LABEL_KINDS = ("categorical", "uniform", "normal", "constant", "multilabel")
 
@@ -28,10 +30,12 @@ class Categorical(_Label):
     @model_validator(mode="after")
     def _positive_weights(self) -> Categorical:
         if not self.values:
-            raise ValueError("values must name at least one category")
+            raise FieldError("values", "values must name at least one category")
         for value, weight in self.values.items():
             if not weight > 0:
-                raise ValueError(f"weight of '{value}' is {weight}; weights must be positive")
+                raise FieldError(
+                    f"values.{value}", f"weight of '{value}' is {weight}; weights must be positive"
+                )
         return self
 
     def probabilities(self) -> dict[str, float]:
@@ -79,7 +83,7 @@ class Uniform(_Numeric):
     @model_validator(mode="after")
     def _ordered(self) -> Uniform:
         if self.min > self.max:
-            raise ValueError(f"min ({self.min:g}) is greater than max ({self.max:g})")
+            raise FieldError("min", f"min ({self.min:g}) is greater than max ({self.max:g})")
         return self
 
     def _bounds(self) -> tuple[float, float]:
@@ -104,13 +108,13 @@ class Normal(_Numeric):
     @model_validator(mode="after")
     def _valid(self) -> Normal:
         if not self.std > 0:
-            raise ValueError(f"std is {self.std:g}; it must be greater than 0")
+            raise FieldError("std", f"std is {self.std:g}; it must be greater than 0")
         low, high = self._bounds()
         if low > high:
-            raise ValueError(f"min ({low:g}) is greater than max ({high:g})")
+            raise FieldError("min", f"min ({low:g}) is greater than max ({high:g})")
         dist = NormalDist(self.mean, self.std)
         if dist.cdf(high) - dist.cdf(low) < 1e-9:
-            raise ValueError("[min, max] holds no probability mass of this normal")
+            raise FieldError("max", "[min, max] holds no probability mass of this normal")
         return self
 
     def _bounds(self) -> tuple[float, float]:
@@ -167,12 +171,14 @@ class Multilabel(_Label):
     @model_validator(mode="after")
     def _probabilities(self) -> Multilabel:
         if not self.values:
-            raise ValueError("values must name at least one finding")
+            raise FieldError("values", "values must name at least one finding")
         for value, p in self.values.items():
             if not 0 < p <= 1:
-                raise ValueError(f"probability of '{value}' is {p}; it must be in (0, 1]")
+                raise FieldError(
+                    f"values.{value}", f"probability of '{value}' is {p}; it must be in (0, 1]"
+                )
         if self.none in self.values:
-            raise ValueError(f"none value '{self.none}' is also listed in values")
+            raise FieldError("none", f"none value '{self.none}' is also listed in values")
         return self
 
     def sample(self, rng: np.random.Generator) -> list[str]:

@@ -15,7 +15,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from synthgen.errors import RecipeError
+from synthgen.errors import FieldError, RecipeError
 from synthgen.labels import LABEL_KINDS, LabelSpec
 from synthgen.prompts import template_fields
 
@@ -36,9 +36,10 @@ class LoraConfig(Strict):
     def _safetensors_only(self) -> LoraConfig:
         for field, value in (("path", self.path), ("weight_name", self.weight_name)):
             if value and value.lower().endswith(PICKLE_SUFFIXES):
-                raise ValueError(
-                    f"{field} '{value}' is a pickle checkpoint, which can run arbitrary code; "
-                    "convert it to .safetensors"
+                raise FieldError(
+                    field,
+                    f"'{value}' is a pickle checkpoint, which can run arbitrary code; "
+                    "convert it to .safetensors",
                 )
         return self
 
@@ -66,16 +67,16 @@ class GenerationConfig(Strict):
     def _strengths(self) -> GenerationConfig:
         if self.mode == "t2i":
             if self.strength is not None or self.repeats != 1:
-                raise ValueError("strength and repeats apply to mode i2i only")
+                raise FieldError("strength", "strength and repeats apply to mode i2i only")
             return self
         values = self.strengths()
         if not values:
-            raise ValueError("mode i2i needs a strength (a number or a list)")
+            raise FieldError("strength", "mode i2i needs a strength (a number or a list)")
         if len(set(values)) != len(values):
-            raise ValueError("strength lists a value twice")
+            raise FieldError("strength", "strength lists a value twice")
         for value in values:
             if not 0 < value <= 1:
-                raise ValueError(f"strength {value} must be in (0, 1]")
+                raise FieldError("strength", f"strength {value} must be in (0, 1]")
         return self
 
     def strengths(self) -> list[float]:
@@ -175,41 +176,48 @@ class Recipe(Strict):
     def _mode_fits(self) -> Recipe:
         if self.generation.mode == "t2i":
             if self.num_samples is None:
-                raise ValueError("num_samples is required for mode t2i")
+                raise FieldError("num_samples", "num_samples is required for mode t2i")
             if self.source is not None:
-                raise ValueError("source applies to mode i2i; set generation.mode: i2i")
+                raise FieldError("source", "source applies to mode i2i; set generation.mode: i2i")
         else:
             if self.source is None:
-                raise ValueError("mode i2i needs a source cohort (source.manifest …)")
+                raise FieldError("source", "mode i2i needs a source cohort (source.manifest …)")
             if self.num_samples is not None:
-                raise ValueError(
+                raise FieldError(
+                    "num_samples",
                     "an i2i recipe takes its sample count from the cohort; remove num_samples "
-                    "(use --num-samples on the command line for a trial run)"
+                    "(use --num-samples on the command line for a trial run)",
                 )
             if self.privacy is None:
-                raise ValueError(
-                    "mode i2i needs privacy.linkage: where the key → source id table goes"
+                raise FieldError(
+                    "privacy.linkage",
+                    "mode i2i needs privacy.linkage: where the key → source id table goes",
                 )
             unmapped = [name for name in self.labels if name not in self.source.labels]
             if unmapped:
-                raise ValueError(f"label '{unmapped[0]}' has no cohort column in source.labels")
+                raise FieldError("source.labels", f"label '{unmapped[0]}' has no cohort column")
             extra = [name for name in self.source.labels if name not in self.labels]
             if extra:
-                raise ValueError(f"source.labels maps '{extra[0]}', which is not a declared label")
+                raise FieldError("source.labels", f"'{extra[0]}' is not a declared label")
         if self.labels_from is not None:
             missing = [name for name in self.labels if name not in self.labels_from.columns]
             extra = [name for name in self.labels_from.columns if name not in self.labels]
             if missing or extra:
-                raise ValueError("labels_from.columns must map exactly the declared labels")
+                raise FieldError("labels_from.columns", "must map exactly the declared labels")
         return self
 
     @model_validator(mode="after")
     def _prompt_names_known_labels(self) -> Recipe:
-        for name in template_fields(self.prompt):
+        try:
+            names = template_fields(self.prompt)
+        except ValueError as exc:
+            raise FieldError("prompt", str(exc)) from None
+        for name in names:
             if name not in self.labels:
                 known = ", ".join(sorted(self.labels)) or "none"
-                raise ValueError(
-                    f"prompt names '{{{name}}}', which is not a label (labels: {known})"
+                raise FieldError(
+                    "prompt",
+                    f"the template names '{{{name}}}', which is not a label (labels: {known})",
                 )
         return self
 
@@ -270,6 +278,9 @@ def recipe_from_dict(data: Any, file: str = "<recipe>") -> Recipe:
     except ValidationError as exc:
         error = exc.errors()[0]
         where = _field_path(error["loc"]) or None
+        cause = error.get("ctx", {}).get("error")
+        if isinstance(cause, FieldError):
+            where = f"{where}.{cause.field}" if where else cause.field
         message = error["msg"].removeprefix("Value error, ")
         if error["type"] == "extra_forbidden":
             message = "unknown field"

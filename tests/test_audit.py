@@ -59,7 +59,7 @@ def cohort():
 
 
 def _noisy(fields, sources, levels, seed=0):
-    """Synthetic = (source + level * smooth noise) / sqrt(1 + level^2): less source, same contrast."""
+    """Synthetic = (source + level * smooth noise) / sqrt(1 + level^2): same contrast."""
     rng = np.random.default_rng(seed)
     items = []
     for strength, level in levels.items():
@@ -384,6 +384,26 @@ def test_embedders_that_cannot_load_offline_are_clear_errors(tmp_path):
     except Exception:
         with pytest.raises(AuditError, match="needs timm"):
             load_embedder("timm:resnet18@/x.safetensors", "cpu")
+
+
+def test_exported_program_embedder(tmp_path):
+    class Thumbnail(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.nn.functional.avg_pool2d(x, 4).flatten(1)
+
+    example = torch.rand(2, 3, 16, 16)
+    batch = torch.export.Dim("batch")
+    program = torch.export.export(Thumbnail(), (example,), dynamic_shapes={"x": {0: batch}})
+    path = tmp_path / "thumb.pt2"
+    torch.export.save(program, str(path))
+    embedder = load_embedder(f"{path}?size=16", "cpu")
+    features = embedder.embed([Image.new("RGB", (40, 30), (255, 0, 0))] * 5)
+    assert features.shape == (5, 48)
+    assert features[0, :16] == pytest.approx(torch.ones(16))
+    assert embedder.weights_sha256 == file_sha256(path)
+    (tmp_path / "junk.pt2").write_bytes(b"nothing")
+    with pytest.raises(AuditError, match="not a torch.export program"):
+        load_embedder(str(tmp_path / "junk.pt2"), "cpu")
 
 
 def test_pixels_embedder_is_pixel_correlation():

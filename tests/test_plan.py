@@ -12,7 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from click.testing import CliRunner
 
+from synthgen.cli import main
 from synthgen.plan import (
     build_plan,
     image_seed,
@@ -26,7 +28,8 @@ from synthgen.recipe import Recipe, recipe_from_dict
 
 ROOT = Path(__file__).resolve().parents[1]
 SYNTHGEN = ROOT / ".venv" / "bin" / "synthgen"
-DEMO = yaml.safe_load((ROOT / "recipes" / "demo.yaml").read_text())
+DEMO_PATH = ROOT / "recipes" / "demo.yaml"
+DEMO = yaml.safe_load(DEMO_PATH.read_text())
 
 
 def demo(**changes) -> Recipe:
@@ -166,35 +169,32 @@ def test_keys_are_name_dash_eight_digits_without_a_dot():
 
 
 @pytest.fixture(scope="module", autouse=True)
-def sample_procs(tmp_path_factory):
-    """`sample -n 200` and `sample --start 90 -n 20` of the demo recipe (96 samples), started
-    before the module's first test so they run alongside the in-process tests."""
-    path = tmp_path_factory.mktemp("plan") / "demo.yaml"
-    path.write_text((ROOT / "recipes" / "demo.yaml").read_text())
-    procs = [
-        subprocess.Popen(
-            [str(SYNTHGEN), "sample", str(path), *args],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for args in (["-n", "200"], ["--start", "90", "-n", "20"])
-    ]
-    yield procs
-    for proc in procs:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
+def window_proc(tmp_path_factory):
+    """`synthgen sample --start 90 -n 20` of the demo recipe (96 samples) through the console
+    script, started before the module's first test so it runs alongside them."""
+    proc = subprocess.Popen(
+        [str(SYNTHGEN), "sample", str(DEMO_PATH), "--start", "90", "-n", "20"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    yield proc
+    if proc.poll() is None:
+        proc.kill()
+        proc.communicate()
 
 
 @pytest.fixture(scope="module")
-def sample_runs(sample_procs) -> tuple[list[dict], list[dict]]:
-    runs = []
-    for proc in sample_procs:
-        out, err = proc.communicate(timeout=120)
-        assert proc.returncode == 0, err
-        runs.append([json.loads(line) for line in out.splitlines()])
-    return runs[0], runs[1]
+def sample_runs(window_proc) -> tuple[list[dict], list[dict]]:
+    """The longer run, `sample -n 200`, goes through the same command in-process."""
+    longer = CliRunner().invoke(main, ["sample", str(DEMO_PATH), "-n", "200"])
+    assert longer.exit_code == 0, longer.output
+    out, err = window_proc.communicate(timeout=120)
+    assert window_proc.returncode == 0, err
+    assert err == ""
+    return [json.loads(line) for line in longer.stdout.splitlines()], [
+        json.loads(line) for line in out.splitlines()
+    ]
 
 
 def test_cli_sample_start_gives_the_labels_of_the_longer_run(sample_runs):
