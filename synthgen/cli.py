@@ -22,6 +22,8 @@ def user_errors(command):
         try:
             return command(*args, **kwargs)
         except SynthgenError as exc:
+            if exc.file is None and kwargs.get("recipe") is not None:
+                exc.file = str(kwargs["recipe"])
             click.echo(f"error: {exc.describe()}", err=True)
             sys.exit(2)
 
