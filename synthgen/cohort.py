@@ -103,7 +103,7 @@ def load_cohort(
         except (ValueError, ImageError) as exc:
             if source.on_error == "fail":
                 raise CohortError(
-                    f"{exc} (source.on_error is fail)", where=f"row {position}"
+                    f"{exc} (source.on_error is fail)", where=f"source.manifest row {position}"
                 ) from None
             skipped.append({"row": position, "reason": str(exc)})
             continue
@@ -123,7 +123,7 @@ def source_image_loader(
         try:
             image = read_image(rows[row].image_path)
         except ImageError as exc:
-            raise CohortError(str(exc), where=f"row {row}") from None
+            raise CohortError(str(exc), where=f"source.manifest row {row}") from None
         return to_model_rgb(preprocess(image, config.size, config.fit))
 
     return load
