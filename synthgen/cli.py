@@ -217,3 +217,34 @@ def info(out: str) -> None:
         click.echo(f"  {split}: {count} samples")
     if recipe.labels and done:
         click.echo(markdown_table(label_rows(recipe, read_label_frame(outdir, recipe, done))))
+
+
+@main.command()
+@click.argument("out", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--repo-id", required=True, help="ORG/NAME of the dataset repo on the Hub.")
+@click.option("--private", is_flag=True, help="Create the repo private (refuses a public one).")
+@click.option("--revision", default=None, help="Branch to push to (created if needed).")
+@click.option("--token-from-env", is_flag=True, help="Read the token from HF_TOKEN.")
+@click.option("--dry-run", is_flag=True, help="List the files that would be sent, send nothing.")
+@user_errors
+def push(out: Path, repo_id: str, private: bool, revision: str | None, token_from_env: bool,
+         dry_run: bool) -> None:  # fmt: skip
+    """Upload a complete OUT to the Hugging Face Hub as a dataset repo."""
+    from synthgen.hub import files_to_upload, push_dataset
+    from synthgen.hub import token_from_env as env_token
+
+    if dry_run:
+        for path in files_to_upload(out):
+            click.echo(path)
+        return
+    token = env_token() if token_from_env else None
+    url = push_dataset(out, repo_id, private=private, revision=revision, token=token)
+    click.echo(f"pushed {out} to {url}")
+
+
+@main.command()
+def schema() -> None:
+    """Print the recipe JSON Schema (for editor completion and CI checks of recipe repos)."""
+    from synthgen.recipe import Recipe
+
+    click.echo(json.dumps(Recipe.model_json_schema(), indent=2))

@@ -25,7 +25,7 @@ REQUIRED_FILES = ("README.md", "recipe.yaml", "manifest.json")
 # Everything else that may be sent: `folder/name` must match the folder's pattern. Split names are
 # `[a-z][a-z0-9_]*` (recipe.py) and shard numbers at least six digits, so `x.parquet.tmp`,
 # `x.partial` or a stray `notes.txt` never match.
-_SHARD = r"[a-z][a-z0-9_]*-\d{6,}"
+_SHARD = r"[a-z][a-z0-9_]*(-s\d{4})?-\d{6,}"
 ALLOWED_IN_FOLDER = {
     "webdataset": re.compile(rf"{_SHARD}\.tar"),
     "parquet": re.compile(rf"{_SHARD}\.parquet"),

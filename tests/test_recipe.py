@@ -71,17 +71,6 @@ def missing_file(folder: Path) -> Path:
     return folder / "absent.yaml"
 
 
-FIELD_LOST = pytest.mark.xfail(
-    strict=True,
-    reason="bug: recipe.py recipe_from_dict locates errors raised in model validators "
-    "(Normal._valid, Uniform._ordered, Categorical._positive_weights, "
-    "LoraConfig._safetensors_only) at the model, so the path stops at labels.age / model.lora",
-)
-PROMPT_UNNAMED = pytest.mark.xfail(
-    strict=True,
-    reason="bug: recipe.py Recipe._prompt_names_known_labels validates the whole recipe, so its "
-    "error has an empty location and the line names no field instead of `prompt`",
-)
 FORMAT_AT_RENDER = pytest.mark.xfail(
     strict=True,
     reason="bug: recipe.py checks only the characters of a format spec: '{sex:.0f}' validates, "
@@ -111,47 +100,26 @@ BAD_RECIPES = [
     pytest.param(
         changed("model.lora", {"path": "./nope.safetensors"}), "model.lora.path", id="lora-missing"
     ),
-    pytest.param(changed("labels.age.std", 0), "labels.age.std", id="std-zero", marks=FIELD_LOST),
-    pytest.param(
-        changed("labels.age.std", -2), "labels.age.std", id="std-negative", marks=FIELD_LOST
-    ),
-    pytest.param(changed("labels.age.min", 80), NO_MIN, id="normal-min>max", marks=FIELD_LOST),
+    pytest.param(changed("labels.age.std", 0), "labels.age.std", id="std-zero"),
+    pytest.param(changed("labels.age.std", -2), "labels.age.std", id="std-negative"),
+    pytest.param(changed("labels.age.min", 80), NO_MIN, id="normal-min>max"),
     pytest.param(
         changed("labels.u", {"dist": "uniform", "min": 5, "max": 1}),
         ("labels.u.min", "labels.u.max"),
         id="uniform-min>max",
-        marks=FIELD_LOST,
     ),
-    pytest.param(
-        changed("labels.sex.values.male", 0), "labels.sex.values", id="weight-0", marks=FIELD_LOST
-    ),
-    pytest.param(
-        changed("labels.sex.values.male", -1),
-        "labels.sex.values",
-        id="weight-negative",
-        marks=FIELD_LOST,
-    ),
+    pytest.param(changed("labels.sex.values.male", 0), "labels.sex.values", id="weight-0"),
+    pytest.param(changed("labels.sex.values.male", -1), "labels.sex.values", id="weight-negative"),
     pytest.param(
         changed("model.lora", {"path": "./lora", "weight_name": "x.bin"}),
         "model.lora.weight_name",
         id="lora-pickle-weight-name",
-        marks=FIELD_LOST,
     ),
     pytest.param(
-        changed("model.lora", {"path": "./lora.ckpt"}),
-        "model.lora.path",
-        id="lora-pickle-path",
-        marks=FIELD_LOST,
+        changed("model.lora", {"path": "./lora.ckpt"}), "model.lora.path", id="lora-pickle-path"
     ),
-    pytest.param(
-        changed("prompt", "fundus of {diagnosis}"),
-        "prompt",
-        id="prompt-unknown-label",
-        marks=PROMPT_UNNAMED,
-    ),
-    pytest.param(
-        changed("prompt", "{age.__class__}"), "prompt", id="prompt-attribute", marks=PROMPT_UNNAMED
-    ),
+    pytest.param(changed("prompt", "fundus of {diagnosis}"), "prompt", id="prompt-unknown-label"),
+    pytest.param(changed("prompt", "{age.__class__}"), "prompt", id="prompt-attribute"),
     pytest.param(
         changed("prompt", "{sex:.0f} eye"),
         "prompt",
