@@ -19,7 +19,7 @@ import yaml
 from synthgen import __version__
 from synthgen.errors import OutputError
 from synthgen.labels import Categorical, Multilabel
-from synthgen.models import PRESETS
+from synthgen.modelfiles import PRESETS
 from synthgen.outdir import OutDir
 from synthgen.plan import ShardTask, strength_tag
 from synthgen.recipe import Recipe, recipe_from_dict

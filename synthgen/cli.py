@@ -41,7 +41,7 @@ def main() -> None:
 @user_errors
 def validate(recipe: Path) -> None:
     """Check RECIPE (and its cohort: columns, labels, every image) without rendering anything."""
-    from synthgen.models import check_model_reference
+    from synthgen.modelfiles import check_model_reference
     from synthgen.plan import build_plan
     from synthgen.recipe import load_recipe
 
@@ -71,9 +71,8 @@ def sample(recipe: Path, count: int, start: int) -> None:
     loaded = load_recipe(recipe)
     plan: Plan = build_plan(loaded, check_images=False)
     if loaded.generation.mode == "t2i":
-        total = max(loaded.num_samples, start + count)
         specs = [
-            t2i_spec(loaded, i, split_of(loaded, i, total), plan.table)
+            t2i_spec(loaded, i, split_of(loaded, i), plan.table)
             for i in range(start, start + count)
         ]
     else:
@@ -132,7 +131,7 @@ def generate(recipe, out, num_samples, devices, workers_per_device, executor, ad
              world_size, max_retries, overwrite):  # fmt: skip
     """Render RECIPE into OUT; resumes a partial run of the same recipe."""
     from synthgen.executors import launcher_rank
-    from synthgen.models import check_model_reference
+    from synthgen.modelfiles import check_model_reference
     from synthgen.recipe import load_recipe
     from synthgen.runs import Execution
     from synthgen.runs import generate as run

@@ -64,6 +64,12 @@ class _Numeric(_Label):
     def _bounds(self) -> tuple[float, float]:
         raise NotImplementedError
 
+    def _check_integer_room(self) -> None:
+        low, high = self._bounds()
+        if self.dtype == "int" and math.isfinite(low) and math.isfinite(high):
+            if math.ceil(low) > math.floor(high):
+                raise FieldError("min", f"no integer lies in [{low:g}, {high:g}]")
+
     def check(self, value: object) -> int | float:
         try:
             number = float(value)  # type: ignore[arg-type]
@@ -84,6 +90,7 @@ class Uniform(_Numeric):
     def _ordered(self) -> Uniform:
         if self.min > self.max:
             raise FieldError("min", f"min ({self.min:g}) is greater than max ({self.max:g})")
+        self._check_integer_room()
         return self
 
     def _bounds(self) -> tuple[float, float]:
@@ -112,6 +119,10 @@ class Normal(_Numeric):
         low, high = self._bounds()
         if low > high:
             raise FieldError("min", f"min ({low:g}) is greater than max ({high:g})")
+        self._check_integer_room()
+        if self.dtype == "int":  # the mass that rounds into [min, max]
+            low = math.ceil(low) - 0.5 if math.isfinite(low) else low
+            high = math.floor(high) + 0.5 if math.isfinite(high) else high
         dist = NormalDist(self.mean, self.std)
         if dist.cdf(high) - dist.cdf(low) < 1e-9:
             raise FieldError("max", "[min, max] holds no probability mass of this normal")

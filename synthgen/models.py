@@ -7,7 +7,6 @@ with random weights (for speed work). Both go through the same LoRA, scheduler a
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -17,9 +16,9 @@ from pathlib import Path
 import torch
 
 from synthgen.errors import ModelError
+from synthgen.modelfiles import PRESETS, file_sha256, lora_file
 from synthgen.recipe import LoraConfig, ModelConfig
 
-PRESETS = ("tiny", "sd14-random")
 _SD_SCHEDULER = dict(
     beta_start=0.00085,
     beta_end=0.012,
@@ -161,50 +160,6 @@ def _load_base(config: ModelConfig, dtype: torch.dtype):
     return pipe.to(dtype=dtype)
 
 
-def lora_file(lora: LoraConfig) -> Path:
-    """The LoRA safetensors file on disk: a local file, a file in a local dir, or the Hub cache."""
-    path = Path(lora.path).expanduser()
-    if path.is_file():
-        return path
-    if path.is_dir():
-        if lora.weight_name:
-            return path / lora.weight_name
-        found = sorted(path.glob("*.safetensors"))
-        if len(found) != 1:
-            raise ModelError(
-                f"'{lora.path}' holds {len(found)} .safetensors files; set weight_name",
-                where="model.lora.weight_name",
-            )
-        return found[0]
-    if looks_local(lora.path):
-        raise ModelError(f"'{lora.path}' does not exist", where="model.lora.path")
-    from huggingface_hub import hf_hub_download
-
-    try:
-        return Path(
-            hf_hub_download(lora.path, lora.weight_name or "pytorch_lora_weights.safetensors")
-        )
-    except Exception as exc:  # noqa: BLE001 - huggingface_hub raises many types for "not reachable"
-        raise ModelError(
-            f"cannot fetch LoRA '{lora.path}' ({exc.__class__.__name__}); download it where there "
-            "is internet or point model.lora.path at a local .safetensors file",
-            where="model.lora.path",
-        ) from None
-
-
-def looks_local(path: str) -> bool:
-    """A path the user means as a file (not a Hub repo id `org/name`)."""
-    return path.startswith((".", "/", "~")) or path.endswith(".safetensors") or path.count("/") > 1
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def apply_lora(pipe, lora: LoraConfig, *, fuse: bool = True) -> str:
     """Load a LoRA (diffusers/PEFT or kohya key layout) and fuse it; return the file's sha256."""
     path = lora_file(lora)
@@ -221,7 +176,7 @@ def apply_lora(pipe, lora: LoraConfig, *, fuse: bool = True) -> str:
         # Fusing folds the low-rank update into the base weights: no extra matmuls per step.
         pipe.fuse_lora(adapter_names=["synthgen"], lora_scale=1.0)
         pipe.unload_lora_weights()
-    return _sha256(path)
+    return file_sha256(path)
 
 
 def load_pipeline(
@@ -260,23 +215,3 @@ def load_pipeline(
         lora_sha256=lora_sha,
     )
     return pipe, identity
-
-
-def default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def check_model_reference(config: ModelConfig, file: str | None = None) -> None:
-    """Catch a missing local model or LoRA file at validation time, before any loading."""
-    if config.base not in PRESETS and looks_local(config.base) and not Path(config.base).is_dir():
-        raise ModelError(f"directory '{config.base}' not found", file=file, where="model.base")
-    lora = config.lora
-    if lora is None or not (looks_local(lora.path) or Path(lora.path).expanduser().exists()):
-        return
-    try:
-        path = lora_file(lora)
-    except ModelError as exc:
-        raise ModelError(exc.message, file=file, where=exc.where) from None
-    if not path.is_file():
-        field = "model.lora.weight_name" if lora.weight_name else "model.lora.path"
-        raise ModelError(f"LoRA file '{path}' not found", file=file, where=field)

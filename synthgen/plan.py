@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from synthgen.cohort import Cohort, load_cohort, read_table
-from synthgen.errors import CohortError
 from synthgen.labels import LabelValue, Multilabel, sample_labels
 from synthgen.prompts import render_prompt
 from synthgen.recipe import Recipe
+
+if TYPE_CHECKING:
+    from synthgen.cohort import Cohort
 
 _LABEL_STREAM, _IMAGE_STREAM, _COHORT_STREAM = 0, 1, 2
 
@@ -71,7 +73,8 @@ def image_seed(seed: int, index: int, stream: int = _IMAGE_STREAM) -> int:
 
 def split_counts(total: int, splits: dict[str, float]) -> dict[str, int]:
     """Largest-remainder rounding, so the counts add up to `total` exactly."""
-    raw = {name: total * share for name, share in splits.items()}
+    whole = sum(splits.values())  # validated to be 1 within rounding
+    raw = {name: total * share / whole for name, share in splits.items()}
     counts = {name: math.floor(value) for name, value in raw.items()}
     leftover = total - sum(counts.values())
     by_remainder = sorted(splits, key=lambda name: counts[name] - raw[name])
@@ -245,6 +248,9 @@ def labels_table(recipe: Recipe) -> list[dict] | None:
     """Validated label rows of `labels_from.table`, or None when labels are drawn from distributions."""
     if recipe.labels_from is None:
         return None
+    from synthgen.cohort import read_table  # pandas: only when a table is used
+    from synthgen.errors import CohortError
+
     frame = read_table(recipe.labels_from.table, where="labels_from.table")
     rows = []
     for position, (_, record) in enumerate(frame.iterrows(), start=1):
@@ -269,6 +275,8 @@ def labels_table(recipe: Recipe) -> list[dict] | None:
 def build_plan(recipe: Recipe, check_images: bool = True) -> Plan:
     """The plan, reading the cohort or label table the recipe points at."""
     if recipe.generation.mode == "i2i":
+        from synthgen.cohort import load_cohort
+
         cohort = load_cohort(recipe.source, recipe.labels, check_images=check_images)
         return Plan(recipe, cohort=cohort)
     return Plan(recipe, table=labels_table(recipe))

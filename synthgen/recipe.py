@@ -12,15 +12,22 @@ import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
+import numpy as np
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from synthgen.errors import FieldError, RecipeError
-from synthgen.labels import LABEL_KINDS, LabelSpec
-from synthgen.prompts import template_fields
+from synthgen.labels import LABEL_KINDS, LabelSpec, Multilabel
+from synthgen.prompts import render_prompt, template_fields
 
 REDACTED = "<redacted: protected path>"
+PRESETS = ("tiny", "sd14-random")  # built-in models, made offline in synthgen.models
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def looks_local(path: str) -> bool:
+    """A path the user means as a file (not a Hub repo id `org/name`)."""
+    return path.startswith((".", "/", "~")) or path.endswith(".safetensors") or path.count("/") > 1
 
 
 class Strict(BaseModel):
@@ -219,11 +226,22 @@ class Recipe(Strict):
                     "prompt",
                     f"the template names '{{{name}}}', which is not a label (labels: {known})",
                 )
+        # A label's type is fixed by its declaration: one trial fill catches a spec it cannot take.
+        rng = np.random.default_rng(0)
+        trial = {}
+        for name, spec in self.labels.items():
+            value = spec.sample(rng)
+            trial[name] = spec.as_text(value) if isinstance(spec, Multilabel) else value
+        try:
+            render_prompt(self.prompt, trial)
+        except (ValueError, TypeError) as exc:
+            raise FieldError("prompt", f"cannot be filled in: {exc}") from None
         return self
 
     def sha256(self) -> str:
         """Hash of the validated recipe, so reformatting the YAML does not change it."""
-        canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+        # Key order is kept: the order of labels, categories and splits changes the samples.
+        canonical = json.dumps(self.model_dump(mode="json"), separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()
 
     def to_yaml(self) -> str:
@@ -241,12 +259,20 @@ class Recipe(Strict):
         return self.model_copy(update=changes)
 
     def resolve_paths(self, base: Path) -> Recipe:
-        """Make cohort and linkage paths absolute, relative to the recipe's folder."""
+        """Make local model, LoRA, cohort and linkage paths absolute, from the recipe's folder."""
 
         def absolute(value: str) -> str:
             return value if "://" in value else str((base / Path(value).expanduser()).resolve())
 
         changes: dict[str, Any] = {}
+        model = self.model
+        if model.base not in PRESETS and looks_local(model.base):
+            model = model.model_copy(update={"base": absolute(model.base)})
+        if model.lora is not None and looks_local(model.lora.path):
+            model = model.model_copy(
+                update={"lora": model.lora.model_copy(update={"path": absolute(model.lora.path)})}
+            )
+        changes["model"] = model
         if self.source is not None:
             changes["source"] = self.source.model_copy(
                 update={"manifest": absolute(self.source.manifest)}

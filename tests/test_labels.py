@@ -181,11 +181,6 @@ def test_int_normal_matches_the_truncated_pmf(params):
     assert_variance(values, variance, "int normal")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: labels.py Normal._valid accepts dtype int with no integer in [min, max]; "
-    "sample() then returns a value outside the bounds (min 2.2, max 2.8 draws 2)",
-)
 def test_int_normal_without_an_integer_in_bounds_is_refused_or_stays_in_bounds():
     params = {"dist": "normal", "dtype": "int", "mean": 2.5, "std": 1, "min": 2.2, "max": 2.8}
     try:
@@ -209,11 +204,6 @@ def test_int_uniform_gives_every_integer_in_range_equally(low, high):
         assert_share(draws.count(k), len(draws), 1 / len(support), f"P(value = {k})")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: labels.py Uniform._ordered accepts dtype int with no integer in [min, max]; "
-    "sample() then raises numpy's 'low >= high' (a traceback from `synthgen sample`)",
-)
 def test_int_uniform_without_an_integer_in_range_is_refused():
     with pytest.raises(ValidationError):
         label_spec({"dist": "uniform", "dtype": "int", "min": 2.2, "max": 2.8})

@@ -8,7 +8,8 @@ import torch
 from lora_files import peft_lora_state, write_kohya_layout, write_peft_layout
 
 from synthgen.errors import ModelError
-from synthgen.models import _preset_components, check_model_reference, load_pipeline
+from synthgen.modelfiles import check_model_reference
+from synthgen.models import _preset_components, load_pipeline
 from synthgen.recipe import LoraConfig, ModelConfig
 
 

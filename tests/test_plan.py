@@ -78,11 +78,6 @@ def test_split_counts_always_add_up_and_round_by_largest_remainder():
             assert min(rounded_up) >= max(kept_down) - 1e-9
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: recipe.py accepts split shares within 1e-6 of 1 but plan.split_counts does not "
-    "normalise them, so large runs plan more (or fewer) samples than num_samples",
-)
 @pytest.mark.parametrize(
     ("num_samples", "splits"),
     [
@@ -213,11 +208,6 @@ def test_cli_sample_start_gives_the_labels_of_the_longer_run(sample_runs):
         assert (spec.key, spec.labels, spec.prompt) == (line["key"], line["labels"], line["prompt"])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: cli.py `sample` assigns splits over max(num_samples, start + count), so a sample's "
-    "split depends on -n/--start and disagrees with the plan",
-)
 def test_cli_sample_start_gives_the_same_lines_and_the_plans_split(sample_runs):
     longer, window = sample_runs
     assert window == longer[90:110]

@@ -107,11 +107,6 @@ def test_unsafe_templates_are_rejected_at_validation(template):
         recipe_from_dict(demo_with(template))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: recipe.py validates the format spec's characters only; '{sex:.0f}' on a "
-    "categorical passes validation, then render_prompt raises ValueError (a traceback)",
-)
 @pytest.mark.parametrize("template", ["{sex:.0f}", "{age:zz}"])
 def test_a_format_spec_the_label_cannot_take_is_rejected_at_validation(template):
     with pytest.raises(RecipeError, match="prompt"):

@@ -71,16 +71,6 @@ def missing_file(folder: Path) -> Path:
     return folder / "absent.yaml"
 
 
-FORMAT_AT_RENDER = pytest.mark.xfail(
-    strict=True,
-    reason="bug: recipe.py checks only the characters of a format spec: '{sex:.0f}' validates, "
-    "then `generate`/`sample` crash in render_prompt with a ValueError traceback",
-)
-EMPTY_INT_RANGE = pytest.mark.xfail(
-    strict=True,
-    reason="bug: labels.py Uniform accepts dtype int with no integer in [min, max]; "
-    "`sample` then crashes in numpy (low >= high)",
-)
 NO_MIN = ("labels.age.min", "labels.age.max")
 
 # (how to make the bad recipe, the field path(s) the error line must name; None: the file alone)
@@ -124,13 +114,11 @@ BAD_RECIPES = [
         changed("prompt", "{sex:.0f} eye"),
         "prompt",
         id="prompt-spec-vs-type",
-        marks=FORMAT_AT_RENDER,
     ),
     pytest.param(
         changed("labels.u", {"dist": "uniform", "min": 2.2, "max": 2.8, "dtype": "int"}),
         "labels.u",
         id="int-uniform-without-integer",
-        marks=EMPTY_INT_RANGE,
     ),
 ]
 BAD_BY_ID = {param.id: param.values[0] for param in BAD_RECIPES}
@@ -254,12 +242,6 @@ def reordered(recipe: dict, field: str) -> dict:
     return recipe
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: recipe.py Recipe.sha256 sorts every mapping, but the order of labels, of a "
-    "label's values and of splits decides the samples: different datasets share one hash "
-    "(and runs.claim_output resumes one with the other)",
-)
 @pytest.mark.parametrize("field", ["labels", "labels.laterality.values", "splits"])
 def test_recipes_with_one_hash_make_the_same_samples(field):
     one = recipe_from_dict(copy.deepcopy(DEMO))
@@ -316,10 +298,6 @@ def test_console_script_bad_recipe_exits_2_with_one_line(console_run):
     assert_one_error_line(proc.returncode, err, path, "model.lora.path")
 
 
-@pytest.mark.slow
-@pytest.mark.skipif(
-    not os.environ.get("SYNTHGEN_SLOW_TESTS"), reason="set SYNTHGEN_SLOW_TESTS=1 (~3 s a case)"
-)
 def test_console_script_every_bad_recipe(tmp_path):
     def run(param) -> str | None:
         folder = tmp_path / param.id
@@ -335,5 +313,4 @@ def test_console_script_every_bad_recipe(tmp_path):
 
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
         failures = [f for f in pool.map(run, BAD_RECIPES) if f]
-    expected = sorted(p.id for p in BAD_RECIPES if p.marks)  # the known bugs (xfail above)
-    assert sorted(f.split(":")[0] for f in failures) == expected, "\n".join(failures)
+    assert not failures, "\n".join(failures)
