@@ -49,7 +49,7 @@ class Renderer:
             num_inference_steps=g.steps,
             guidance_scale=g.guidance_scale,
             generator=generators,
-            output_type="pil",
+            output_type="pt",
         )
         if g.mode == "i2i":
             strengths = {s.strength for s in specs}
@@ -59,4 +59,7 @@ class Renderer:
         else:
             kwargs.update(height=g.height, width=g.width)
         with torch.inference_mode():
-            return self.pipe(**kwargs).images
+            images = self.pipe(**kwargs).images
+            # To uint8 on the device: a quarter of the bytes to copy, and no float work on the host.
+            pixels = (images * 255).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu()
+        return [Image.fromarray(array) for array in pixels.numpy()]

@@ -10,8 +10,10 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import time
 from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 
 import datasets
@@ -111,9 +113,10 @@ def sample_metadata(spec: SampleSpec, recipe: Recipe) -> dict:
 
 
 class ShardWriter:
-    def __init__(self, out: OutDir, recipe: Recipe):
+    def __init__(self, out: OutDir, recipe: Recipe, encoders: int | None = None):
         self.out = out
         self.recipe = recipe
+        self.pool = ThreadPoolExecutor(encoders or min(8, os.cpu_count() or 1), "encode")
         self.features = dataset_features(recipe)
         self.class_index = {
             name: {value: i for i, value in enumerate(spec.values)}
@@ -130,16 +133,21 @@ class ShardWriter:
     ) -> ShardRecord:
         formats = self.recipe.output.formats
         suffix = IMAGE_SUFFIX[self.recipe.output.image_format]
-        rows, members = [], []
+        # Encoding runs in the pool while the renderer makes the next batch (zlib and libjpeg
+        # release the GIL), so the accelerator does not wait for PNG compression.
+        pending = []
         for spec, image in samples:
             if "." in spec.key:
                 raise ValueError(f"sample key '{spec.key}' contains a dot, which WebDataset splits")
-            data = encode_image(image, self.recipe)
+            pending.append((spec, self.pool.submit(encode_image, image, self.recipe)))
+        started = time.perf_counter()
+        rows, members = [], []
+        for spec, encoded in pending:
+            data = encoded.result()
             meta = sample_metadata(spec, self.recipe)
             members.append({"__key__": spec.key, suffix: data, "json": json.dumps(meta).encode(),
                             "txt": spec.prompt.encode()})  # fmt: skip
             rows.append(self._row(meta, data))
-        started = time.perf_counter()
         files = {}
         if "webdataset" in formats:
             files[f"webdataset/{task.name}.tar"] = self._tar_bytes(members)
