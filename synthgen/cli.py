@@ -195,8 +195,14 @@ def finalize(out: str) -> None:
 
 @main.command()
 @click.argument("out")
+@click.option(
+    "--plots",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Also write labels-NAME.png (asked vs drawn) for every label into this folder.",
+)
 @user_errors
-def info(out: str) -> None:
+def info(out: str, plots: Path | None) -> None:
     """Counts, completeness and label summaries of a generated dataset."""
     from synthgen.card import read_label_frame, read_recipe
     from synthgen.outdir import OutDir
@@ -215,7 +221,47 @@ def info(out: str) -> None:
         count = sum(r["count"] for r in done if r["split"] == split)
         click.echo(f"  {split}: {count} samples")
     if recipe.labels and done:
-        click.echo(markdown_table(label_rows(recipe, read_label_frame(outdir, recipe, done))))
+        frame = read_label_frame(outdir, recipe, done)
+        click.echo(markdown_table(label_rows(recipe, frame)))
+        if plots is not None:
+            from synthgen.preview import label_plots
+
+            names = label_plots(recipe, frame, plots)
+            click.echo(f"wrote {len(names)} label plots to {plots}")
+
+
+@main.command()
+@click.argument("source")
+@click.option(
+    "-o",
+    "--output",
+    required=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Image file to write (PNG).",
+)
+@click.option(
+    "-n",
+    "--num",
+    "count",
+    type=click.IntRange(min=1),
+    default=None,
+    help="How many images [default: 8 rendered from a recipe, 16 sampled from OUT].",
+)
+@click.option("--seed", default=0, show_default=True, help="Which committed samples (OUT only).")
+@click.option("--columns", default=4, show_default=True, type=click.IntRange(min=1))
+@click.option(
+    "--device", default=None, help="Recipe only: cpu | cuda | cuda:N [default: cuda if any]."
+)
+@user_errors
+def preview(source: str, output: Path, count: int | None, seed: int, columns: int,
+            device: str | None) -> None:  # fmt: skip
+    """Contact sheet of SOURCE (a recipe: renders a few; an OUT: samples committed images)."""
+    from synthgen.preview import make_preview
+
+    sheet = make_preview(source, n=count, seed=seed, device=device, columns=columns)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    sheet.save(output)
+    click.echo(f"wrote {output} ({sheet.width}x{sheet.height})")
 
 
 @main.command()
@@ -247,3 +293,52 @@ def schema() -> None:
     from synthgen.recipe import Recipe
 
     click.echo(json.dumps(Recipe.model_json_schema(), indent=2))
+
+
+@main.command()
+@click.argument("out")
+@click.option(
+    "--source", required=True, help="The i2i recipe, or the cohort manifest (CSV/Parquet)."
+)
+@click.option("--linkage", default=None, help="The key → source id table written by generate.")
+@click.option(
+    "--embedder",
+    default="pixels",
+    show_default=True,
+    help="pixels[:SIZE] | torchvision:ARCH[@WEIGHTS] | timm:ARCH[@WEIGHTS] | PATH.pt",
+)
+@click.option("--predictor", default=None, help="A model predicting the labels (same syntax).")
+@click.option("--holdout", default=None, help="T2I: a manifest of real images never trained on.")
+@click.option(
+    "--image-column", default="image", show_default=True, help="With a manifest --source."
+)
+@click.option("--id-column", default="id", show_default=True, help="With a manifest --source.")
+@click.option("--patient-column", default=None, help="With a manifest --source.")
+@click.option("-o", "--report-dir", required=True, type=click.Path(file_okay=False, path_type=Path))
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--append-to-card", is_flag=True, help="Show the summary in OUT's privacy section.")
+@user_errors
+def audit(out, source, linkage, embedder, predictor, holdout, image_column, id_column,
+          patient_column, report_dir, device, append_to_card):  # fmt: skip
+    """Privacy–utility audit: how re-identifiable is OUT, and how much signal did it keep?"""
+    from synthgen.audit import run_audit
+    from synthgen.audit_inputs import audit_summary, read_linkage, source_items, synthetic_items
+    from synthgen.card import AUDIT_RECORD
+    from synthgen.card import finalize as finalize_out
+    from synthgen.outdir import OutDir
+
+    outdir = OutDir(out)
+    links = read_linkage(linkage) if linkage else None
+    synthetic = synthetic_items(outdir, links)
+    columns = dict(image_column=image_column, id_column=id_column, patient_column=patient_column)
+    sources = source_items(source, **columns)
+    held = source_items(holdout, **columns) if holdout else []
+    report = run_audit(synthetic, sources, report_dir=report_dir, embedder=embedder,
+                       predictor=predictor, holdout=held, device=device)  # fmt: skip
+    click.echo(f"wrote {report_dir}/report.md, report.json, report.csv, tradeoff.png")
+    for warning in report.get("warnings", []):
+        click.echo(f"warning: {warning}", err=True)
+    if append_to_card:
+        outdir.write_atomic(AUDIT_RECORD, json.dumps(audit_summary(report)).encode())
+        finalize_out(outdir)
+        click.echo(f"added the audit summary to {out}/README.md")

@@ -27,7 +27,7 @@ REQUIRED_FILES = ("README.md", "recipe.yaml", "manifest.json")
 # `x.partial` or a stray `notes.txt` never match.
 _SHARD = r"[a-z][a-z0-9_]*(-s\d{4})?-\d{6,}"
 ALLOWED_IN_FOLDER = {
-    "webdataset": re.compile(rf"{_SHARD}\.tar"),
+    "webdataset": re.compile(rf"({_SHARD}\.tar|[a-z][a-z0-9_]*\.wids\.json)"),
     "parquet": re.compile(rf"{_SHARD}\.parquet"),
     "previews": re.compile(r"[^/]+\.(png|jpg|jpeg|webp)"),
 }

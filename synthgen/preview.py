@@ -23,7 +23,7 @@ from PIL import Image, ImageDraw, ImageFont, ImageOps
 from synthgen.errors import OutputError
 from synthgen.labels import Categorical, Constant, Multilabel, Normal, Uniform
 from synthgen.outdir import OutDir
-from synthgen.plan import SampleSpec
+from synthgen.plan import SampleSpec, ShardTask
 from synthgen.recipe import Recipe
 
 PREVIEWS = "previews"
@@ -51,7 +51,7 @@ def caption(recipe: Recipe, key: str, labels: Mapping[str, object]) -> list[str]
         if name not in labels:
             continue
         value = labels[name]
-        if isinstance(spec, Multilabel):
+        if isinstance(spec, Multilabel) and not isinstance(value, str):
             value = spec.as_text([str(f) for f in value])  # type: ignore[union-attr]
         elif isinstance(value, float):
             value = f"{value:.4g}"
@@ -166,7 +166,10 @@ def _tar_samples(
 
 def sample_committed(out: OutDir, recipe: Recipe, n: int = 16, seed: int = 0) -> list[Item]:
     """`n` committed samples, chosen by `seed` alone, each with its caption, in index order."""
-    records = [record for _, record in sorted(out.committed_records().items())]
+    committed = out.committed_records()
+    run = out.run_record()
+    order = [ShardTask(**task).name for task in run["tasks"]] if run else sorted(committed)
+    records = [committed[name] for name in order if name in committed]
     total = sum(record["count"] for record in records)
     if total == 0:
         raise OutputError("no committed samples to preview; run `synthgen generate`", file=out.url)
@@ -194,8 +197,13 @@ def preview_from_out(out: OutDir, n: int = 16, seed: int = 0, columns: int = 4) 
 # --- samples rendered from a recipe ---------------------------------------------------------
 
 
-def render_first(recipe: Recipe, n: int = 8, device: str = "cpu") -> list[Item]:
-    """The plan's first `n` samples, rendered as `generate` would render them."""
+def render_first(recipe: Recipe, n: int = 8, device: str | None = None) -> list[Item]:
+    """The plan's first `n` samples, rendered as `generate` would render them.
+
+    `device` defaults to the first GPU when there is one, else the CPU.
+    """
+    import torch
+
     from synthgen.cohort import source_image_loader
     from synthgen.models import load_pipeline
     from synthgen.plan import build_plan
@@ -210,6 +218,7 @@ def render_first(recipe: Recipe, n: int = 8, device: str = "cpu") -> list[Item]:
         specs = plan.specs(task)[:remaining]
         batches.append(specs)
         remaining -= len(specs)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     pipe, _ = load_pipeline(recipe.model, mode=recipe.generation.mode, device=device)
     load_source = None
     if plan.cohort is not None:
@@ -230,16 +239,20 @@ def render_first(recipe: Recipe, n: int = 8, device: str = "cpu") -> list[Item]:
 
 
 def preview_from_recipe(
-    recipe: Recipe, n: int = 8, device: str = "cpu", columns: int = 4
+    recipe: Recipe, n: int = 8, device: str | None = None, columns: int = 4
 ) -> Image.Image:
     return contact_sheet(render_first(recipe, n, device), columns=columns)
 
 
 def make_preview(
-    source: str, n: int | None = None, seed: int = 0, device: str = "cpu", columns: int = 4
+    source: str,
+    n: int | None = None,
+    seed: int = 0,
+    device: str | None = None,
+    columns: int = 4,
 ) -> Image.Image:
     """The sheet for `synthgen preview`: SOURCE is a recipe file or an output directory/URL."""
-    if Path(source).is_file():
+    if Path(source).is_file() or source.endswith((".yaml", ".yml")):
         from synthgen.recipe import load_recipe
 
         return preview_from_recipe(load_recipe(source), n or 8, device, columns)
@@ -249,27 +262,20 @@ def make_preview(
 # --- label plots ----------------------------------------------------------------------------
 
 
-def _bars(ax, names: list[str], asked: list[float | None], drawn: list[float]) -> None:
+def _bars(ax, names: list[str], asked: list[float], drawn: list[float]) -> None:
     x = np.arange(len(names))
-    width = 0.4
-    known = [(i, a) for i, a in enumerate(asked) if a is not None]
-    ax.bar([x[i] - width / 2 for i, _ in known], [a for _, a in known], width,
-           label="asked", color=ASKED_COLOR)  # fmt: skip
-    ax.bar(x + width / 2, drawn, width, label="drawn", color=DRAWN_COLOR)
+    ax.bar(x - 0.2, asked, 0.4, label="asked", color=ASKED_COLOR)
+    ax.bar(x + 0.2, drawn, 0.4, label="drawn", color=DRAWN_COLOR)
     ax.set_xticks(
         x, names, rotation=30 if len(names) > 4 else 0, ha="right" if len(names) > 4 else "center"
     )
     ax.set_ylabel("share of samples")
-    ax.set_ylim(0, max([1e-9, *drawn, *(a for _, a in known)]) * 1.15)
 
 
 def _categorical(ax, spec: Categorical | Constant, column: pd.Series) -> None:
     counts = column.astype(str).value_counts()
     n = max(len(column), 1)
-    if isinstance(spec, Constant):
-        asked = {str(spec.value): 1.0}
-    else:
-        asked = spec.probabilities()
+    asked = {str(spec.value): 1.0} if isinstance(spec, Constant) else spec.probabilities()
     _bars(ax, list(asked), list(asked.values()), [counts.get(v, 0) / n for v in asked])
 
 
@@ -293,7 +299,7 @@ def _asked_density(spec: Normal | Uniform, x: np.ndarray) -> np.ndarray:
         high = math.floor(high) + 0.5 if math.isfinite(high) else high
     inside = (x >= low) & (x <= high)
     if isinstance(spec, Uniform):
-        return np.where(inside, 1.0 / max(high - low, 1e-12), 0.0)
+        return np.where(inside, 1.0 / (high - low), 0.0) if high > low else np.zeros_like(x)
     dist = NormalDist(spec.mean, spec.std)
     mass = dist.cdf(high) - dist.cdf(low)
     return np.array([dist.pdf(v) / mass if ok else 0.0 for v, ok in zip(x, inside)])
@@ -334,7 +340,8 @@ def plot_label(name: str, spec, column: pd.Series) -> bytes:
     else:
         _numeric(ax, spec, column)
     ax.set_title(f"{name}: asked vs drawn (n={len(column)})", fontsize=10)
-    ax.legend(fontsize=8, frameon=False)
+    ax.set_ylim(0, max(ax.get_ylim()[1], 1e-9) * 1.2)  # room for the legend above the data
+    ax.legend(fontsize=8, frameon=False, loc="upper right", ncol=2)
     ax.spines[["top", "right"]].set_visible(False)
     fig.tight_layout()
     buffer = io.BytesIO()

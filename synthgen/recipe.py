@@ -84,6 +84,10 @@ class GenerationConfig(Strict):
         for value in values:
             if not 0 < value <= 1:
                 raise FieldError("strength", f"strength {value} must be in (0, 1]")
+            if int(self.steps * value) < 1:  # diffusers denoises int(steps × strength) steps
+                raise FieldError(
+                    "strength", f"strength {value} × {self.steps} steps leaves no denoising step"
+                )
         return self
 
     def strengths(self) -> list[float]:

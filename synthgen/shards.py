@@ -76,8 +76,8 @@ def dataset_features(recipe: Recipe) -> datasets.Features:
             "mode": datasets.Value("string"),
             "seed": datasets.Value("int64"),
             "steps": datasets.Value("int32"),
-            "guidance_scale": datasets.Value("float32"),
-            "strength": datasets.Value("float32"),
+            "guidance_scale": datasets.Value("float64"),
+            "strength": datasets.Value("float64"),
         }
     )
 

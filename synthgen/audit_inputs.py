@@ -1,0 +1,109 @@
+"""Audit inputs from files: the synthetic images of an OUT, its linkage table, the real cohort.
+
+Images are loaded lazily (a shard at a time for OUT, a file at a time for the cohort) so a 10^5
+cohort streams through the audit engine without being held in memory.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from functools import lru_cache
+from pathlib import Path
+
+import pyarrow.parquet as pq
+from PIL import Image
+
+from synthgen.audit_items import SourceItem, SyntheticItem
+from synthgen.embedders import AuditError
+from synthgen.outdir import OutDir
+from synthgen.recipe import PreprocessConfig, SourceConfig, load_recipe
+
+
+def read_linkage(path: str) -> dict[str, str]:
+    """key -> source id, from the table `synthgen generate` wrote beside OUT."""
+    file = Path(path)
+    if not file.is_file():
+        raise AuditError("linkage table not found", where="--linkage")
+    with open(file, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    if not rows or not {"key", "source_id"} <= set(rows[0]):
+        raise AuditError("needs the columns key and source_id", where="--linkage")
+    return {row["key"]: row["source_id"] for row in rows}
+
+
+def synthetic_items(out: OutDir, linkage: dict[str, str] | None) -> list[SyntheticItem]:
+    """Every committed sample of OUT (from its Parquet shards), linked to its source for i2i."""
+    if not out.exists("manifest.json"):
+        raise AuditError(
+            "has no manifest.json: finish the run (or `synthgen finalize`) first", file=out.url
+        )
+    manifest = json.loads(out.read_text("manifest.json"))
+    paths = [p for shard in manifest["shards"] for p in shard["files"] if p.endswith(".parquet")]
+    if not paths:
+        raise AuditError("has no Parquet shards to audit", file=out.url)
+
+    @lru_cache(maxsize=2)  # the engine walks the items in order: one shard in memory at a time
+    def shard_images(path: str) -> list[bytes]:
+        table = pq.read_table(io.BytesIO(out.read_bytes(path)), columns=["image"])
+        return [cell["bytes"] for cell in table.column("image").to_pylist()]
+
+    items = []
+    for path in paths:
+        table = pq.read_table(io.BytesIO(out.read_bytes(path)), columns=["key", "strength"])
+        for row, (key, strength) in enumerate(zip(*(c.to_pylist() for c in table.columns))):
+            source = None
+            if manifest["mode"] == "i2i":
+                if linkage is None:
+                    raise AuditError("an i2i dataset needs --linkage")
+                if key not in linkage:
+                    raise AuditError(f"key {key} is not in the linkage table", where="--linkage")
+                source = linkage[key]
+            load = lambda path=path, row=row: Image.open(io.BytesIO(shard_images(path)[row]))  # noqa: E731
+            items.append(SyntheticItem(key, load, source, strength))
+    return items
+
+
+def _load_source(path: Path):
+    from synthgen.imaging import read_image, to_model_rgb
+
+    return lambda: to_model_rgb(read_image(path))
+
+
+def source_items(
+    source: str, *, image_column: str, id_column: str, patient_column: str | None
+) -> list[SourceItem]:
+    """The real cohort, from an i2i recipe's `source` or from a manifest table and its columns."""
+    from synthgen.cohort import load_cohort
+
+    if source.endswith((".yaml", ".yml")):
+        recipe = load_recipe(source)
+        if recipe.source is None:
+            raise AuditError("the recipe has no source cohort", where="--source")
+        config, labels = recipe.source, recipe.labels
+    else:
+        config = SourceConfig(
+            manifest=str(Path(source).resolve()), image_column=image_column, id_column=id_column,
+            patient_column=patient_column, preprocess=PreprocessConfig(), on_error="fail",
+        )  # fmt: skip
+        labels = {}
+    cohort = load_cohort(config, labels, check_images=False, progress=False)
+    return [
+        SourceItem(row.source_id, row.patient_id, _load_source(row.image_path), row.labels)
+        for row in cohort.rows
+    ]
+
+
+def audit_summary(report: dict) -> dict:
+    """What the dataset card shows: per group, top-1 re-identification beside chance. No ids."""
+    groups = []
+    for group in report["groups"]:
+        reid = group.get("reidentification") or {}
+        entry = {"group": group["name"], "strength": group["strength"], "n": group["n_synthetic"]}
+        for level in ("image", "patient"):
+            top1 = (reid.get(level) or {}).get("top1") or {}
+            entry[level] = {k: top1.get(k) for k in ("value", "ci95", "chance")}
+        groups.append(entry)
+    settings = report["settings"]
+    return {"embedder": settings["embedder"], "date": settings["date"], "groups": groups}

@@ -1,0 +1,54 @@
+"""`synthgen audit` end to end: a tiny-model i2i strength sweep, its linkage table, the cohort."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+from conftest import run_cli, write_recipe
+from test_i2i import MARKER, i2i_recipe
+
+from synthgen.democohort import make_cohort
+from synthgen.recipe import load_recipe
+from synthgen.runs import generate
+
+
+def test_audit_of_a_strength_sweep_writes_every_report_file(tmp_path):
+    cohort = make_cohort(tmp_path / "cohort", rows=8, marker=MARKER)
+    linkage = tmp_path / "linkage.csv"
+    recipe_dict = i2i_recipe(cohort, linkage, strength=[0.3, 0.9], steps=4)
+    recipe = write_recipe(tmp_path / "sweep.yaml", recipe_dict)
+    out = tmp_path / "out"
+    assert not generate(load_recipe(recipe), str(out)).failed
+
+    report_dir = tmp_path / "report"
+    run_cli("audit", str(out), "--source", str(recipe), "--linkage", str(linkage),
+            "-o", str(report_dir), "--append-to-card")  # fmt: skip
+    for name in ("report.json", "report.csv", "report.md", "tradeoff.png", "pairs.png"):
+        assert (report_dir / name).stat().st_size > 0, name
+    report = json.loads((report_dir / "report.json").read_text())
+    strengths = sorted(g["strength"] for g in report["groups"] if g["strength"] is not None)
+    assert strengths == [0.3, 0.9]
+    assert report["settings"]["n_sources"] == 8 and report["settings"]["n_synthetic"] == 16
+    with open(report_dir / "report.csv") as handle:
+        assert len(list(csv.DictReader(handle))) >= 2
+    for name in ("report.json", "report.csv", "report.md"):
+        assert MARKER not in (report_dir / name).read_text(), f"a source id leaked into {name}"
+    card = (out / "README.md").read_text()
+    assert "i2i strength=0.3" in card and "image top-1" in card
+    assert MARKER not in card
+
+
+def test_audit_refuses_keys_missing_from_the_linkage(tmp_path):
+    cohort = make_cohort(tmp_path / "cohort", rows=4, marker=MARKER)
+    linkage = tmp_path / "linkage.csv"
+    recipe = write_recipe(tmp_path / "r.yaml", i2i_recipe(cohort, linkage, steps=2))
+    assert not generate(load_recipe(recipe), str(tmp_path / "out")).failed
+    rows = linkage.read_text().splitlines()
+    linkage.write_text("\n".join(rows[:-1]) + "\n")
+    result = run_cli("audit", str(tmp_path / "out"), "--source", str(recipe), "--linkage",
+                     str(linkage), "-o", str(tmp_path / "rep"), check=False)  # fmt: skip
+    assert result.returncode == 2 and "not in the linkage table" in result.stderr
+    missing = run_cli("audit", str(tmp_path / "out"), "--source", str(recipe), "--linkage",
+                      str(tmp_path / "nope.csv"), "-o", str(tmp_path / "rep"), check=False)  # fmt: skip
+    assert missing.returncode == 2 and "--linkage" in missing.stderr
