@@ -45,6 +45,12 @@ data/%: recipes/%.yaml install FORCE
 
 all-data: $(patsubst recipes/%.yaml,data/%,$(wildcard recipes/*.yaml))
 
+# `make push/NAME HF_ORG=my-org` pushes data/NAME (made or refreshed first) to my-org/NAME.
+HF_ORG ?=
+push/%: data/%
+	@test -n "$(HF_ORG)" || { echo "set HF_ORG=<your org or user>"; exit 2; }
+	$(BIN)/synthgen push data/$* --repo-id $(HF_ORG)/$* --token-from-env
+
 FORCE:
 
 clean:
