@@ -25,7 +25,6 @@ re-identification risk, since an attacker with a network trained on the cohort c
 
 from __future__ import annotations
 
-import hashlib
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -36,6 +35,7 @@ import torch
 from PIL import Image
 
 from synthgen.errors import SynthgenError
+from synthgen.modelfiles import file_sha256
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -105,14 +105,6 @@ def _standardised_pixels(batch: torch.Tensor) -> torch.Tensor:
     flat = batch.reshape(batch.shape[0], -1)
     flat = flat - flat.mean(dim=1, keepdim=True)
     return flat / flat.std(dim=1, keepdim=True).clamp_min(1e-6)
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _split_options(name: str) -> tuple[str, int | None]:
