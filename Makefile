@@ -9,7 +9,7 @@ TORCH  ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo torch || echo to
 TORCH_INDEX ?=
 PYTEST_ARGS ?=
 
-.PHONY: install demo demo-i2i test lint bench bench-gpu all-data clean
+.PHONY: install demo demo-i2i test lint bench bench-gpu bench-wheels all-data clean
 .DEFAULT_GOAL := demo
 
 install: $(VENV)/.installed
@@ -52,6 +52,20 @@ push/%: data/%
 	$(BIN)/synthgen push data/$* --repo-id $(HF_ORG)/$* --token-from-env
 
 FORCE:
+
+# Benchmarks, not tests: the seed-style loop vs synthgen's path, and PNG encoding speed; results
+# go to BENCHMARKS.md. BENCH_ARGS="--check" adds the pixel comparison (benchmarks/README.md).
+BENCH_ARGS ?=
+bench: install
+	$(BIN)/python benchmarks/bench.py --device cpu $(BENCH_ARGS)
+
+# CUDA, sd14-random + rank-64 LoRA. On a machine without the venv: its python3 and torch plus
+# the wheels in .whl/, which `make bench-wheels` fetches where PyPI is reachable.
+bench-gpu:
+	bash benchmarks/run-gpu.sh $(BENCH_ARGS)
+
+bench-wheels: install
+	$(BIN)/python benchmarks/gpu_wheels.py .whl
 
 clean:
 	rm -rf data .pytest_cache

@@ -130,7 +130,7 @@ class OutputConfig(Strict):
     grayscale: bool = False
     image_format: Literal["png", "jpg", "webp"] = "png"
     jpeg_quality: int = Field(95, ge=1, le=100)
-    png_compress_level: int = Field(6, ge=0, le=9)
+    png_compress_level: int = Field(1, ge=0, le=9)
 
     @field_validator("formats")
     @classmethod

@@ -1,0 +1,200 @@
+"""The benchmark's environment (device, versions, command) and its BENCHMARKS.md section."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import zlib
+from importlib import metadata
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = (
+    "torch",
+    "diffusers",
+    "transformers",
+    "peft",
+    "pillow",
+    "numpy",
+    "pyarrow",
+    "webdataset",
+    "datasets",
+)
+SPLIT = (
+    "source_read",
+    "text_encoder",
+    "vae_encode",
+    "unet_loop",
+    "vae_decode",
+    "png_encode",
+    "write",
+    "other",
+    "total",
+)
+# CPU seconds per image come from the whole process (every thread), beside the wall-clock split.
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _git_revision() -> str:
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=ROOT,
+            text=True,
+            capture_output=True,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=ROOT,
+            text=True,
+            capture_output=True,
+            check=True,
+        ).stdout.strip()
+        return head + ("+changes" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def environment(device: str) -> dict:
+    from PIL import features
+
+    versions = {"python": platform.python_version()}
+    for name in PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = "absent"
+    versions["zlib (PIL)"] = features.version("zlib") or "?"
+    versions["zlib (python)"] = zlib.ZLIB_VERSION
+    env = {
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "device": device,
+        "cpu": f"{_cpu_name()}, {os.cpu_count()} cores",
+        "torch_threads": torch.get_num_threads(),
+        "load_average": [round(x, 2) for x in os.getloadavg()],
+        "synthgen": _git_revision(),
+        "versions": versions,
+        "command": "python benchmarks/bench.py " + shlex.join(sys.argv[1:]),
+    }
+    if device.startswith("cuda"):
+        props = torch.cuda.get_device_properties(0)
+        env["gpu"] = (
+            f"{props.name}, {props.total_memory / 2**30:.0f} GiB, CUDA {torch.version.cuda}"
+        )
+    return env
+
+
+def _fmt(value, digits: int = 3) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        return f"{value:.{digits}g}" if abs(value) < 1000 else f"{value:.0f}"
+    return str(value)
+
+
+def markdown(env: dict, results: list[dict]) -> str:
+    """A BENCHMARKS.md section: where and how it ran, the headline table, the splits, PNG."""
+    lines = [f"### {env['date']} — {env['device']}: {env.get('gpu', env['cpu'])}", ""]
+    lines.append(f"- command: `{env['command']}`")
+    lines.append(
+        f"- synthgen {env['synthgen']}; torch threads {env['torch_threads']}; "
+        f"load average at start {env['load_average']}"
+    )
+    lines.append("- " + ", ".join(f"{k} {v}" for k, v in env["versions"].items()))
+    models = [r for r in results if r["case"] in ("t2i", "i2i")]
+    if models:
+        lines += [
+            "",
+            "| case | model | size | steps | strength | images | batch | seed loop img/s "
+            "| synthgen img/s | speedup | speedup in CPU time | MFU seed | MFU synthgen "
+            "| max abs px diff |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for r in models:
+            seed, ours = r["seed_loop"], r["synthgen"]
+            check = r.get("check", {}).get("max_abs_pixel_diff")
+            lines.append(
+                f"| {r['case']} | {r['model']} {r['dtype']} | {r['size']}² | {r['steps']} "
+                f"| {_fmt(r['strength'])} | {r['count']} | {r['batch_size']} "
+                f"| {_fmt(seed['images_per_s'])} | {_fmt(ours['images_per_s'])} "
+                f"| {_fmt(r['speedup'])}× | {_fmt(r['speedup_cpu_time'])}× "
+                f"| {_fmt(seed.get('mfu'))} | {_fmt(ours.get('mfu'))} "
+                f"| {_fmt(check)} |"
+            )
+        lines += [
+            "",
+            "Seconds per image:",
+            "",
+            "| case | path | " + " | ".join(SPLIT) + " | CPU s |",
+            "|---|---|" + "---|" * (len(SPLIT) + 1),
+        ]
+        for r in models:
+            for path in ("seed_loop", "synthgen"):
+                split = r[path]["s_per_image"]
+                marks = {name: "*" for name in r[path].get("overlapped", [])}
+                cells = " | ".join(_fmt(split[name]) + marks.get(name, "") for name in SPLIT)
+                cpu = _fmt(r[path]["cpu_s_per_image"])
+                lines.append(f"| {r['case']} | {path} | {cells} | {cpu} |")
+        lines += [
+            "",
+            "\\* in synthgen's encoder threads, overlapped with rendering; "
+            "`other` = total − the unstarred columns.",
+        ]
+        if models[0].get("peak_tflop_per_s"):
+            lines += [
+                "",
+                f"MFU: UNet FLOPs over the UNet loop's time, against a measured "
+                f"{models[0]['peak_tflop_per_s']} TFLOP/s {models[0]['dtype']} matmul.",
+            ]
+        checked = [r for r in models if "check" in r]
+        if checked:
+            lines += [
+                "",
+                "Pixel agreement with the seed-style loop on the same per-sample seeds (0-255):",
+                "",
+                "| case | images | max abs diff | mean abs diff | identical images "
+                "| share of pixels off by > 1 |",
+                "|---|---|---|---|---|---|",
+            ]
+            for r in checked:
+                c = r["check"]
+                lines.append(
+                    f"| {r['case']} | {c['images']} | {c['max_abs_pixel_diff']} "
+                    f"| {c['mean_abs_pixel_diff']} | {c['identical_images']} "
+                    f"| {c['pixels_off_by_more_than_1']} |"
+                )
+    pngs = [r for r in results if r["case"] == "png"]
+    if pngs:
+        target = pngs[0]["target_per_core"]
+        lines += [
+            "",
+            f"PNG encoding, {pngs[0]['size']}² RGB, one core (target {target:g}/s):",
+            "",
+            "| image | level | strategy | img/s per core (CPU time) | img/s (wall) | bytes | ratio "
+            "| meets target |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for r in pngs:
+            lines.append(
+                f"| {r['image']} | {r['compress_level']} | {r['strategy']} "
+                f"| {r['images_per_cpu_s']} "
+                f"| {r['images_per_wall_s']} | {r['bytes']} | {r['ratio']} "
+                f"| {'yes' if r['meets_target'] else 'no'} |"
+            )
+    return "\n".join(lines) + "\n"
