@@ -12,21 +12,26 @@ PYTEST_ARGS ?=
 .PHONY: install demo demo-i2i test lint bench bench-gpu bench-wheels all-data clean
 .DEFAULT_GOAL := demo
 
+# `install` = the package and its test extras; the demos need the package alone (quicker).
 install: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.core: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --disable-pip-version-check "$(TORCH)" $(TORCH_INDEX)
+	$(BIN)/pip install -q --disable-pip-version-check -e .
+	touch $@
+
+$(VENV)/.installed: $(VENV)/.core
 	$(BIN)/pip install -q --disable-pip-version-check -e ".[test]"
 	touch $@
 
-demo: install
+demo: $(VENV)/.core
 	$(BIN)/synthgen generate recipes/demo.yaml -o data/demo
 
-demo-i2i: install data/demo-cohort/manifest.csv
+demo-i2i: $(VENV)/.core data/demo-cohort/manifest.csv
 	$(BIN)/synthgen generate recipes/demo-i2i.yaml -o data/demo-i2i
 
-data/demo-cohort/manifest.csv: | install
+data/demo-cohort/manifest.csv: | $(VENV)/.core
 	$(BIN)/python -m synthgen.democohort data/demo-cohort 16
 
 test: install
@@ -40,7 +45,7 @@ lint: install
 # made from the same recipe, a resume when partial. A changed recipe is refused: pass
 # GENERATE_ARGS=--overwrite to replace the old data.
 GENERATE_ARGS ?=
-data/%: recipes/%.yaml install FORCE
+data/%: recipes/%.yaml $(VENV)/.core FORCE
 	$(BIN)/synthgen generate $< -o $@ $(GENERATE_ARGS)
 
 all-data: $(patsubst recipes/%.yaml,data/%,$(wildcard recipes/*.yaml))

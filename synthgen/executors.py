@@ -94,17 +94,13 @@ def launcher_rank() -> tuple[int, int] | None:
 # --- local pool -------------------------------------------------------------------------------
 
 
-def _pool_worker(slot, device, threads, plan, out_url, tasks, todo, events, log_dir):
+def _pool_worker(slot, device, parent, plan, out_url, tasks, todo, events, log_dir):
     """Body of one spawned worker process: pull shard indices until told to stop."""
     if log_dir:
         logging.basicConfig(
             filename=str(Path(log_dir) / f"worker-{slot}.log"), level=logging.INFO,
             format="%(asctime)s %(levelname)s %(message)s",
         )  # fmt: skip
-    if threads:
-        import torch
-
-        torch.set_num_threads(threads)  # CPU workers share the cores instead of oversubscribing
     from synthgen.worker import Worker
 
     try:
@@ -114,8 +110,13 @@ def _pool_worker(slot, device, threads, plan, out_url, tasks, todo, events, log_
         return
     log.info("worker %d ready on %s", slot, device)
     while True:
-        index = todo.get()
-        if index is None:
+        try:
+            index = todo.get(timeout=1.0)
+        except queue.Empty:
+            if os.getppid() != parent:  # the parent was killed: stop rather than render on
+                return
+            continue
+        if index is None or os.getppid() != parent:
             return
         task = tasks[index]
         events.put(("start", slot, index, None))
@@ -149,22 +150,10 @@ def run_local_pool(
     tasks = list(tasks)
     for index in range(len(tasks)):
         todo.put(index)
-    cpu_slots = sum(1 for device in devices if device == "cpu")
-    threads = max(1, (os.cpu_count() or 1) // cpu_slots) if cpu_slots else 0
     processes = [
         context.Process(
             target=_pool_worker,
-            args=(
-                slot,
-                device,
-                threads if device == "cpu" else 0,
-                plan,
-                out.url,
-                tasks,
-                todo,
-                events,
-                log_dir,
-            ),
+            args=(slot, device, os.getpid(), plan, out.url, tasks, todo, events, log_dir),
             daemon=True,
         )  # fmt: skip
         for slot, device in enumerate(devices)
@@ -237,11 +226,7 @@ def run_local_pool(
 class _RayShardWorker:
     """A Ray actor holding one Worker (so one pipeline load per GPU) for many shards."""
 
-    def __init__(self, plan: Plan, out_url: str, device: str, threads: int):
-        if threads:
-            import torch
-
-            torch.set_num_threads(threads)
+    def __init__(self, plan: Plan, out_url: str, device: str):
         from synthgen.worker import Worker
 
         self.worker = Worker(plan, OutDir(out_url), device)
@@ -275,12 +260,11 @@ def run_ray(
     gpus = int(ray.cluster_resources().get("GPU", 0))
     if gpus:
         actor_class = ray.remote(num_gpus=1)(_RayShardWorker)
-        actors = [actor_class.remote(plan, out.url, "cuda", 0) for _ in range(gpus)]
+        actors = [actor_class.remote(plan, out.url, "cuda") for _ in range(gpus)]
     else:
         count = cpu_actors or max(1, int(ray.cluster_resources().get("CPU", 1)))
-        threads = max(1, (os.cpu_count() or 1) // count)
         actor_class = ray.remote(num_cpus=1)(_RayShardWorker)
-        actors = [actor_class.remote(plan, out.url, "cpu", threads) for _ in range(count)]
+        actors = [actor_class.remote(plan, out.url, "cpu") for _ in range(count)]
     pending = list(range(len(tasks)))
     attempts = [0] * len(tasks)
     running = {}  # object ref -> (actor, task index)
@@ -296,9 +280,7 @@ def run_ray(
         except ray.exceptions.RayActorError as exc:  # the actor died: replace it
             attempts[index] += 1
             outcome.failed[tasks[index].name] = f"Ray actor died: {exc.__class__.__name__}"
-            actor = actor_class.remote(
-                plan, out.url, "cuda" if gpus else "cpu", 0 if gpus else threads
-            )
+            actor = actor_class.remote(plan, out.url, "cuda" if gpus else "cpu")
         except Exception as exc:  # noqa: BLE001 - a RayTaskError wraps the shard's own error
             attempts[index] += 1
             cause = getattr(exc, "cause", None) or exc

@@ -7,6 +7,7 @@ images or models.
 from __future__ import annotations
 
 import json
+import os
 import posixpath
 import uuid
 
@@ -56,7 +57,10 @@ class OutDir:
         self.rename(temporary, relative)
 
     def rename(self, source: str, target: str) -> None:
-        self.fs.mv(self.path(source), self.path(target))
+        if self.is_local:  # atomic, and an error (not a move into it) when a folder is in the way
+            os.replace(self.path(source), self.path(target))
+        else:
+            self.fs.mv(self.path(source), self.path(target))
 
     def remove(self, relative: str) -> None:
         if self.fs.exists(self.path(relative)):

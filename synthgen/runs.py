@@ -50,7 +50,8 @@ def claim_output(out: OutDir, recipe: Recipe, plan: Plan, overwrite: bool = Fals
             "or choose another output directory",
             file=out.url,
         )
-    foreign = [p for p in out.all_files() if p.split("/")[0] not in OWN_PATHS]
+    # a kill during an earlier claim can leave recipe.yaml.tmp-*: ours too
+    foreign = [p for p in out.all_files() if p.split("/")[0].split(".tmp-")[0] not in OWN_PATHS]
     if foreign:
         raise OutputError(
             f"is not empty and holds files synthgen did not write (e.g. {foreign[0]}); "

@@ -6,9 +6,12 @@ Knows nothing about processes, ranks or Ray: an executor decides which shards it
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict
+
+import torch
 
 from synthgen.card import MODEL_RECORD
 from synthgen.cohort import source_image_loader
@@ -24,6 +27,10 @@ Progress = Callable[[int], None]
 class Worker:
     def __init__(self, plan: Plan, out: OutDir, device: str = "cpu"):
         recipe = plan.recipe
+        if device == "cpu":
+            # CPU kernels split their sums by thread count: a fixed count keeps every executor,
+            # worker count and resume byte-identical (SYNTHGEN_CPU_THREADS, default 1).
+            torch.set_num_threads(int(os.environ.get("SYNTHGEN_CPU_THREADS", "1")))
         self.plan = plan
         self.out = out
         started = time.perf_counter()

@@ -15,7 +15,7 @@ VENV = Path(sys.executable).parent.parent
 
 def make(folder: Path, *args: str) -> subprocess.CompletedProcess:
     # -o: the venv running this test is installed already; never reinstall it from a bare copy.
-    skip_install = ["-o", "install", "-o", f"{VENV}/.installed"]
+    skip_install = ["-o", f"{VENV}/.core", "-o", f"{VENV}/.installed"]
     return subprocess.run(
         ["make", "--no-print-directory", "-C", str(folder), f"VENV={VENV}", *skip_install, *args],
         capture_output=True, text=True, timeout=600,
