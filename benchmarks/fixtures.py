@@ -7,13 +7,14 @@ recipe through `load_pipeline`, as a real run does.
 
 from __future__ import annotations
 
-import csv
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from PIL import Image
+
+from synthgen.democohort import write_table
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))  # lora_files: the random-LoRA writer the tests use
@@ -83,12 +84,7 @@ def write_cohort(folder: Path, count: int, size: int) -> Path:
                 "SBP": str(100 + i % 60),
             }
         )
-    manifest = folder / "manifest.csv"
-    with open(manifest, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    return manifest
+    return write_table(folder / "manifest.csv", rows)
 
 
 def bench_recipe(settings: Settings, mode: str, lora: Path | None, folder: Path):
@@ -138,7 +134,8 @@ def seed_pipelines(settings: Settings, folder: Path) -> tuple[dict, Path | None]
     """The model card's pipelines for t2i and i2i (one set of weights), and the LoRA file."""
     from diffusers import DDIMScheduler, StableDiffusionImg2ImgPipeline, StableDiffusionPipeline
 
-    from synthgen.models import PRESETS, _preset_components
+    from synthgen.models import _preset_components
+    from synthgen.recipe import PRESETS
 
     dtype = settings.torch_dtype
     if settings.model in PRESETS:

@@ -113,12 +113,16 @@ def make_cohort(
                 "referring_physician": f"Dr {marker} House",  # undeclared: must never leave
             }
         )
-    manifest = folder / "manifest.csv"
-    with open(manifest, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(table[0]))
+    return write_table(folder / "manifest.csv", table)
+
+
+def write_table(path: Path, rows: list[dict]) -> Path:
+    """A cohort manifest CSV with the columns of the first row."""
+    with open(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
         writer.writeheader()
-        writer.writerows(table)
-    return manifest
+        writer.writerows(rows)
+    return path
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ import webdataset as wds
 import yaml
 from conftest import ROOT, run_cli, write_recipe
 
-from synthgen.democohort import make_cohort
+from synthgen.democohort import make_cohort, write_table
 from synthgen.recipe import load_recipe
 from synthgen.runs import generate
 
@@ -143,10 +143,7 @@ def corrupt_cohort(tmp_path: Path, cohort: Path) -> Path:
     (broken / f"{MARKER}_cut.png").write_bytes(good[: len(good) // 2])
     rows.append({**rows[0], "image_file": f"{MARKER}_cut.png", "study_id": f"{MARKER}-x"})
     manifest = broken / "manifest.csv"
-    with open(manifest, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    write_table(manifest, rows)
     return manifest
 
 
@@ -181,10 +178,7 @@ def test_invalid_label_value_names_the_row(tmp_path, cohort):
         row["image_file"] = str(cohort.parent / row["image_file"])
     rows[2]["Sex"] = "unknown"
     bad = tmp_path / "bad.csv"
-    with open(bad, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    write_table(bad, rows)
     recipe = write_recipe(tmp_path / "r.yaml", i2i_recipe(bad, tmp_path / "l.csv"))
     result = run_cli("validate", str(recipe), check=False)
     assert result.returncode == 2
