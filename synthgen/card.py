@@ -20,7 +20,7 @@ from synthgen import __version__
 from synthgen.errors import OutputError
 from synthgen.labels import Categorical, Multilabel
 from synthgen.modelfiles import PRESETS
-from synthgen.outdir import OutDir
+from synthgen.outdir import COMMITS, OutDir
 from synthgen.plan import ShardTask, strength_tag
 from synthgen.preview import plots_markdown, sheet_markdown, write_previews
 from synthgen.recipe import Recipe, recipe_from_dict
@@ -335,7 +335,8 @@ def finalize(out: OutDir) -> dict:
 
     recipe = read_recipe(out)
     manifest = build_manifest(out, recipe, planned_tasks(out))
-    out.remove_temporaries()
+    # Shard leftovers only: another rank may be finalizing too, with its own README tmp file.
+    out.remove_temporaries(("webdataset/", "parquet/", COMMITS + "/"))
     frame = read_label_frame(out, recipe, manifest["shards"])
     previews = write_previews(out, recipe, frame)  # sampled from committed shards: no rendering
     out.write_atomic("README.md", render_card(out, recipe, manifest, frame, previews).encode())

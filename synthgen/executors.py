@@ -94,11 +94,11 @@ def launcher_rank() -> tuple[int, int] | None:
 # --- local pool -------------------------------------------------------------------------------
 
 
-def _pool_worker(slot, device, parent, plan, out_url, tasks, todo, events, log_dir):
+def _pool_worker(slot, device, parent, plan, out_url, tasks, todo, events, log_dir, log_prefix):
     """Body of one spawned worker process: pull shard indices until told to stop."""
     if log_dir:
         logging.basicConfig(
-            filename=str(Path(log_dir) / f"worker-{slot}.log"), level=logging.INFO,
+            filename=str(Path(log_dir) / f"worker-{log_prefix}{slot}.log"), level=logging.INFO,
             format="%(asctime)s %(levelname)s %(message)s",
         )  # fmt: skip
     from synthgen.worker import Worker
@@ -138,6 +138,7 @@ def run_local_pool(
     bar: tqdm,
     max_retries: int,
     log_dir: str | None = None,
+    log_prefix: str = "",
 ) -> Outcome:
     """One spawned process per entry of `devices`; a shared queue hands out shards."""
     outcome = Outcome()
@@ -153,7 +154,18 @@ def run_local_pool(
     processes = [
         context.Process(
             target=_pool_worker,
-            args=(slot, device, os.getpid(), plan, out.url, tasks, todo, events, log_dir),
+            args=(
+                slot,
+                device,
+                os.getpid(),
+                plan,
+                out.url,
+                tasks,
+                todo,
+                events,
+                log_dir,
+                log_prefix,
+            ),
             daemon=True,
         )  # fmt: skip
         for slot, device in enumerate(devices)
@@ -263,7 +275,9 @@ def run_ray(
         actors = [actor_class.remote(plan, out.url, "cuda") for _ in range(gpus)]
     else:
         count = cpu_actors or max(1, int(ray.cluster_resources().get("CPU", 1)))
-        actor_class = ray.remote(num_cpus=1)(_RayShardWorker)
+        # Actors on other nodes do not inherit this environment: hand the thread count over.
+        threads = {"SYNTHGEN_CPU_THREADS": os.environ.get("SYNTHGEN_CPU_THREADS", "1")}
+        actor_class = ray.remote(num_cpus=1, runtime_env={"env_vars": threads})(_RayShardWorker)
         actors = [actor_class.remote(plan, out.url, "cpu") for _ in range(count)]
     pending = list(range(len(tasks)))
     attempts = [0] * len(tasks)

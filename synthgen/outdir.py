@@ -92,9 +92,13 @@ class OutDir:
                 )
         return records
 
-    def remove_temporaries(self) -> int:
-        """Delete what killed workers left behind; returns how many files went."""
-        leftovers = [p for p in self.all_files() if ".tmp-" in posixpath.basename(p)]
+    def remove_temporaries(self, folders: tuple[str, ...] | None = None) -> int:
+        """Delete what killed workers left behind (in `folders` only, if given); returns how
+        many files went."""
+        leftovers = [
+            p for p in self.all_files()
+            if ".tmp-" in posixpath.basename(p) and (folders is None or p.startswith(folders))
+        ]  # fmt: skip
         for relative in leftovers:
             self.remove(relative)
         return len(leftovers)

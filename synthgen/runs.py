@@ -108,6 +108,8 @@ def run_state(out: OutDir, tasks: list[ShardTask], verify: bool = True) -> RunSt
             if record is not None:
                 out.remove(f"{COMMITS}/{task.name}.json")
             todo.append(task)
+    if todo:
+        out.remove("manifest.json")  # a damaged shard: the dataset is not complete any more
     return RunState(done=done, todo=todo, complete=False)
 
 
@@ -162,10 +164,21 @@ def generate(
         sum(t.size for t in mine), initial=sum(t.size for t in mine) - sum(t.size for t in todo)
     ) as bar:
         if execution.executor == "ray":
-            outcome = run_ray(plan, out, todo, bar, execution.max_retries, execution.ray_address)
+            cpu_only = all(device == "cpu" for device in execution.devices)
+            outcome = run_ray(
+                plan, out, todo, bar, execution.max_retries, execution.ray_address,
+                cpu_actors=len(execution.devices) if cpu_only else None,
+            )  # fmt: skip
         elif len(execution.devices) > 1:
             outcome = run_local_pool(
-                plan, out, todo, execution.devices, bar, execution.max_retries, execution.log_dir
+                plan,
+                out,
+                todo,
+                execution.devices,
+                bar,
+                execution.max_retries,
+                execution.log_dir,
+                f"r{execution.rank}-" if ranked else "",
             )
         else:
             outcome = run_in_process(

@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,9 @@ SYNTHGEN = [sys.executable, "-m", "synthgen"]
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+# datasets keys its cache of a local folder by the folder's name and data-file patterns, not by
+# the files' contents: two test sessions' `out/` folders would share (stale) cache entries.
+os.environ["HF_DATASETS_CACHE"] = tempfile.mkdtemp(prefix="synthgen-test-datasets-")
 
 
 def small_recipe(**changes) -> dict:
