@@ -219,3 +219,31 @@ def test_num_samples_limits_a_trial_run_to_the_first_rows(tmp_path, cohort):
     result = run_cli("sample", str(recipe), "-n", "100")
     assert len(result.stdout.splitlines()) == 8
     assert load_recipe(recipe, num_samples=3).source.max_rows == 3
+
+
+def test_t2i_labels_resampled_from_a_cohort_table_keep_the_joint(tmp_path, cohort):
+    recipe = yaml.safe_load((ROOT / "recipes" / "demo.yaml").read_text())
+    recipe["labels"]["age"] = {"dist": "uniform", "min": 18, "max": 100, "dtype": "int"}
+    recipe["labels"]["sbp"] = {"dist": "uniform", "min": 70, "max": 250, "dtype": "int"}
+    columns = {"laterality": "Eye", "sex": "Sex", "age": "AgeYears", "sbp": "SBP"}
+    recipe["labels_from"] = {"table": str(cohort), "columns": columns}
+    path = write_recipe(tmp_path / "resampled.yaml", recipe)
+    with open(cohort) as handle:
+        rows = {
+            (r["Eye"], r["Sex"], int(r["AgeYears"]), int(r["SBP"])) for r in csv.DictReader(handle)
+        }
+    drawn = [
+        json.loads(line) for line in run_cli("sample", str(path), "-n", "60").stdout.splitlines()
+    ]
+    combos = {
+        (d["labels"]["laterality"], d["labels"]["sex"], d["labels"]["age"], d["labels"]["sbp"])
+        for d in drawn
+    }
+    assert combos <= rows, "every sample's labels are one real row, never a mix of rows"
+    assert len(combos) > 4
+    again = [
+        json.loads(line) for line in run_cli("sample", str(path), "-n", "60").stdout.splitlines()
+    ]
+    assert again == drawn
+    shareable = load_recipe(path).shareable().to_yaml()
+    assert str(cohort) not in shareable and MARKER not in shareable

@@ -2,14 +2,14 @@
 
 Bad recipes are the demo recipe with one thing broken, so each case fails for its own reason.
 `validate` runs in-process (click's CliRunner) for every case. One case also runs through the
-installed console script, which is what users see (and catches noise printed at import time);
-all of them do with SYNTHGEN_SLOW_TESTS=1, which costs ~3 s a case because `validate` imports
-torch before it reads the recipe.
+installed console script, which is what users see (and catches noise printed at import time),
+and every case runs through it once more in a thread pool (about a second each).
 """
 
 from __future__ import annotations
 
 import copy
+import json
 import os
 import subprocess
 from collections.abc import Callable
@@ -314,3 +314,12 @@ def test_console_script_every_bad_recipe(tmp_path):
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
         failures = [f for f in pool.map(run, BAD_RECIPES) if f]
     assert not failures, "\n".join(failures)
+
+
+def test_schema_command_prints_the_recipe_json_schema():
+    schema = json.loads(CliRunner().invoke(main, ["schema"]).output)
+    assert schema["additionalProperties"] is False
+    assert {"name", "prompt", "labels", "model", "generation", "source"} <= set(
+        schema["properties"]
+    )
+    assert "normal" in json.dumps(schema["$defs"]["Normal"])
