@@ -13,6 +13,7 @@ from importlib import metadata
 from pathlib import Path
 
 import torch
+from timing import COMPONENTS
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = (
@@ -26,17 +27,7 @@ PACKAGES = (
     "webdataset",
     "datasets",
 )
-SPLIT = (
-    "source_read",
-    "text_encoder",
-    "vae_encode",
-    "unet_loop",
-    "vae_decode",
-    "png_encode",
-    "write",
-    "other",
-    "total",
-)
+SPLIT = (*COMPONENTS, "other", "total")
 # CPU seconds per image come from the whole process (every thread), beside the wall-clock split.
 
 
