@@ -25,7 +25,11 @@ def user_errors(command):
             if exc.file is None and kwargs.get("recipe") is not None:
                 exc.file = str(kwargs["recipe"])
             click.echo(f"error: {exc.describe()}", err=True)
-            sys.exit(2)
+            # os._exit, not sys.exit: native threads that torch/torchmetrics started can abort
+            # the interpreter's teardown ("terminate called…", SIGABRT) and hide the exit code 2.
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(2)
 
     return wrapper
 
