@@ -25,13 +25,25 @@ def user_errors(command):
             if exc.file is None and kwargs.get("recipe") is not None:
                 exc.file = str(kwargs["recipe"])
             click.echo(f"error: {exc.describe()}", err=True)
-            # os._exit, not sys.exit: native threads that torch/torchmetrics started can abort
-            # the interpreter's teardown ("terminate called…", SIGABRT) and hide the exit code 2.
+            sys.exit(2)
+
+    return wrapper
+
+
+def run() -> None:
+    """The console script: `main`, leaving at once on a user error.
+
+    Native threads that torch or torchmetrics started can abort the interpreter's teardown
+    ("terminate called…", SIGABRT) and hide exit code 2, so that exit skips the teardown.
+    """
+    try:
+        main()
+    except SystemExit as exc:
+        if exc.code == 2:
             sys.stdout.flush()
             sys.stderr.flush()
             os._exit(2)
-
-    return wrapper
+        raise
 
 
 @click.group()
