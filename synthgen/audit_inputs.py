@@ -1,7 +1,7 @@
 """Audit inputs from files: the synthetic images of an OUT, its linkage table, the real cohort.
 
-Images are loaded lazily (a shard at a time for OUT, a file at a time for the cohort) so a 10^5
-cohort streams through the audit engine without being held in memory.
+Images are loaded lazily (a Parquet row group at a time for OUT, a file at a time for the cohort)
+so a 10^5 cohort streams through the audit engine without being held in memory.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import io
 import json
 from functools import lru_cache
 from pathlib import Path
+from typing import IO
 
 import pyarrow.parquet as pq
 from PIL import Image
@@ -44,15 +45,28 @@ def synthetic_items(out: OutDir, linkage: dict[str, str] | None) -> list[Synthet
     if not paths:
         raise AuditError("has no Parquet shards to audit", file=out.url)
 
-    @lru_cache(maxsize=2)  # the engine walks the items in order: one shard in memory at a time
-    def shard_images(path: str) -> list[bytes]:
-        table = pq.read_table(io.BytesIO(out.read_bytes(path)), columns=["image"])
-        return [cell["bytes"] for cell in table.column("image").to_pylist()]
+    footers: dict[str, pq.FileMetaData] = {}
+
+    @lru_cache(maxsize=2)  # the engine walks the items in order: one row group in memory at a time
+    def group_images(path: str, group: int) -> list[bytes]:
+        with _open_exact(out, path) as handle:
+            parquet = pq.ParquetFile(handle, metadata=footers[path])  # no second footer read
+            column = parquet.read_row_group(group, columns=["image"]).column("image")
+        return [cell["bytes"] for cell in column.to_pylist()]
 
     items = []
     for path in paths:
-        table = pq.read_table(io.BytesIO(out.read_bytes(path)), columns=["key", "strength"])
-        for row, (key, strength) in enumerate(zip(*(c.to_pylist() for c in table.columns))):
+        with _open_exact(out, path) as handle:
+            parquet = pq.ParquetFile(handle)
+            table = parquet.read(columns=["key", "strength"])  # not the image bytes: they stream
+            footers[path] = parquet.metadata
+        places = [
+            (group, row)
+            for group in range(parquet.metadata.num_row_groups)
+            for row in range(parquet.metadata.row_group(group).num_rows)
+        ]
+        keys, strengths = table.column("key").to_pylist(), table.column("strength").to_pylist()
+        for (group, row), key, strength in zip(places, keys, strengths, strict=True):
             source = None
             if manifest["mode"] == "i2i":
                 if linkage is None:
@@ -60,9 +74,15 @@ def synthetic_items(out: OutDir, linkage: dict[str, str] | None) -> list[Synthet
                 if key not in linkage:
                     raise AuditError(f"key {key} is not in the linkage table", where="--linkage")
                 source = linkage[key]
-            load = lambda path=path, row=row: Image.open(io.BytesIO(shard_images(path)[row]))  # noqa: E731
+            load = lambda p=path, g=group, r=row: Image.open(io.BytesIO(group_images(p, g)[r]))  # noqa: E731
             items.append(SyntheticItem(key, load, source, strength))
     return items
+
+
+def _open_exact(out: OutDir, path: str) -> IO[bytes]:
+    # pyarrow asks for the byte ranges of the columns it reads; a read-ahead cache would fetch the
+    # image bytes beside the keys too, and every image would cross the network twice.
+    return out.fs.open(out.path(path), "rb", cache_type="none")
 
 
 def _load_source(path: Path):

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -14,6 +17,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 SYNTHGEN = [sys.executable, "-m", "synthgen"]
+CONSOLE_SCRIPT = ROOT / ".venv" / "bin" / "synthgen"
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -49,6 +53,32 @@ def run_cli(*args: str, check: bool = True, **kwargs) -> subprocess.CompletedPro
     if check and result.returncode != 0:
         raise AssertionError(f"synthgen {' '.join(args)} failed:\n{result.stderr}")
     return result
+
+
+@contextmanager
+def sample_in_background(*args: str) -> Iterator[subprocess.Popen]:
+    """`synthgen sample ARGS` through the console script, started now so it runs alongside the
+    tests that follow; killed on exit if nobody read it to the end."""
+    proc = subprocess.Popen(
+        [str(CONSOLE_SCRIPT), "sample", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+
+
+def sample_lines(proc: subprocess.Popen) -> list[dict]:
+    """The JSON lines of a `sample_in_background` run, which must succeed with nothing on stderr."""
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    assert err == ""
+    return [json.loads(line) for line in out.splitlines()]
 
 
 @pytest.fixture(scope="session")

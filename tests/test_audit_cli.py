@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 from conftest import run_cli, write_recipe
+from PIL import Image
 from test_i2i import MARKER, i2i_recipe
 
+from synthgen.audit_inputs import synthetic_items
 from synthgen.democohort import make_cohort
+from synthgen.outdir import OutDir
 from synthgen.recipe import load_recipe
 from synthgen.runs import generate
 
@@ -52,3 +59,52 @@ def test_audit_refuses_keys_missing_from_the_linkage(tmp_path):
     missing = run_cli("audit", str(tmp_path / "out"), "--source", str(recipe), "--linkage",
                       str(tmp_path / "nope.csv"), "-o", str(tmp_path / "rep"), check=False)  # fmt: skip
     assert missing.returncode == 2 and "--linkage" in missing.stderr
+
+
+def test_synthetic_items_read_each_shard_byte_once_a_row_group_at_a_time(tmp_path, monkeypatch):
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, (250, 32, 32, 3), dtype=np.uint8)  # noise: images dominate
+    rows = []
+    for i, image in enumerate(pixels):
+        buffer = io.BytesIO()
+        Image.fromarray(image).save(buffer, format="PNG")
+        cell = {"bytes": buffer.getvalue(), "path": None}
+        rows.append({"key": f"k{i:03d}", "image": cell, "strength": i / 250})
+    out = OutDir(str(tmp_path / "out"))
+    shard = io.BytesIO()
+    pq.write_table(pa.Table.from_pylist(rows), shard, row_group_size=100)  # groups of 100, 100, 50
+    out.write_bytes("data/0.parquet", shard.getvalue())
+    out.write_text(
+        "manifest.json", json.dumps({"mode": "t2i", "shards": [{"files": ["data/0.parquet"]}]})
+    )
+
+    read = []
+    opened = out.fs.open
+
+    class Counted:  # the file pyarrow reads from, counting what it takes
+        def __init__(self, *args, **kwargs):
+            self.file = opened(*args, **kwargs)
+
+        def read(self, *args):
+            data = self.file.read(*args)
+            read.append(len(data))
+            return data
+
+        def __getattr__(self, name):
+            return getattr(self.file, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.file.close()
+
+    monkeypatch.setattr(out.fs, "open", Counted)
+    items = synthetic_items(out, None)
+    assert [(item.key, item.source_id, item.strength) for item in items] == [
+        (row["key"], None, row["strength"]) for row in rows
+    ]
+    for item, image in zip(items, pixels, strict=True):
+        assert np.array_equal(np.asarray(item.image()), image), item.key
+    # the footer (pyarrow reads the last 64 KiB) once; every image once, not twice
+    assert sum(read) < len(shard.getvalue()) + 64 * 1024

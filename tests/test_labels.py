@@ -7,21 +7,17 @@ means the sampler is wrong, not unlucky (and the seeds are fixed, so a pass stay
 from __future__ import annotations
 
 import itertools
-import json
 import math
-import subprocess
-from pathlib import Path
 from statistics import NormalDist
 
 import numpy as np
 import pytest
 import yaml
+from conftest import ROOT, sample_in_background, sample_lines
 from pydantic import TypeAdapter, ValidationError
 
 from synthgen.labels import LabelSpec, Multilabel, sample_labels
 
-ROOT = Path(__file__).resolve().parents[1]
-SYNTHGEN = ROOT / ".venv" / "bin" / "synthgen"
 N_DRAWS = 10_000
 Z = 5.0  # allowed distance from the exact value, in standard errors
 STD_NORMAL = NormalDist()
@@ -316,24 +312,13 @@ def cli_run(tmp_path_factory):
     recipe["labels"] = CLI_LABELS
     path = tmp_path_factory.mktemp("marginals") / "marginals.yaml"
     path.write_text(yaml.safe_dump(recipe, sort_keys=False))
-    proc = subprocess.Popen(
-        [str(SYNTHGEN), "sample", str(path), "-n", str(CLI_N)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    yield proc
-    if proc.poll() is None:
-        proc.kill()
-        proc.communicate()
+    with sample_in_background(str(path), "-n", str(CLI_N)) as proc:
+        yield proc
 
 
 @pytest.fixture(scope="module")
 def cli_lines(cli_run) -> list[dict]:
-    out, err = cli_run.communicate(timeout=120)
-    assert cli_run.returncode == 0, err
-    assert err == ""
-    return [json.loads(line) for line in out.splitlines()]
+    return sample_lines(cli_run)
 
 
 def column(lines: list[dict], name: str) -> list:

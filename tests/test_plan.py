@@ -6,13 +6,12 @@ import copy
 import json
 import math
 import re
-import subprocess
-from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
 from click.testing import CliRunner
+from conftest import ROOT, sample_in_background, sample_lines
 
 from synthgen.cli import main
 from synthgen.plan import (
@@ -26,8 +25,6 @@ from synthgen.plan import (
 )
 from synthgen.recipe import Recipe, recipe_from_dict
 
-ROOT = Path(__file__).resolve().parents[1]
-SYNTHGEN = ROOT / ".venv" / "bin" / "synthgen"
 DEMO_PATH = ROOT / "recipes" / "demo.yaml"
 DEMO = yaml.safe_load(DEMO_PATH.read_text())
 
@@ -164,19 +161,11 @@ def test_keys_are_name_dash_eight_digits_without_a_dot():
 
 
 @pytest.fixture(scope="module", autouse=True)
-def window_proc(tmp_path_factory):
+def window_proc():
     """`synthgen sample --start 90 -n 20` of the demo recipe (96 samples) through the console
     script, started before the module's first test so it runs alongside them."""
-    proc = subprocess.Popen(
-        [str(SYNTHGEN), "sample", str(DEMO_PATH), "--start", "90", "-n", "20"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    yield proc
-    if proc.poll() is None:
-        proc.kill()
-        proc.communicate()
+    with sample_in_background(str(DEMO_PATH), "--start", "90", "-n", "20") as proc:
+        yield proc
 
 
 @pytest.fixture(scope="module")
@@ -184,12 +173,8 @@ def sample_runs(window_proc) -> tuple[list[dict], list[dict]]:
     """The longer run, `sample -n 200`, goes through the same command in-process."""
     longer = CliRunner().invoke(main, ["sample", str(DEMO_PATH), "-n", "200"])
     assert longer.exit_code == 0, longer.output
-    out, err = window_proc.communicate(timeout=120)
-    assert window_proc.returncode == 0, err
-    assert err == ""
-    return [json.loads(line) for line in longer.stdout.splitlines()], [
-        json.loads(line) for line in out.splitlines()
-    ]
+    window = sample_lines(window_proc)
+    return [json.loads(line) for line in longer.stdout.splitlines()], window
 
 
 def test_cli_sample_start_gives_the_labels_of_the_longer_run(sample_runs):
