@@ -10,6 +10,7 @@ import json
 import os
 import posixpath
 import uuid
+from typing import IO
 
 import fsspec
 
@@ -52,9 +53,21 @@ class OutDir:
 
     def write_atomic(self, relative: str, data: bytes) -> None:
         """Write under a temporary name, then rename, so a reader never sees half a file."""
-        temporary = f"{relative}.tmp-{uuid.uuid4().hex[:12]}"
-        self.write_bytes(temporary, data)
+        temporary, handle = self.open_temporary(relative)
+        with handle:
+            handle.write(data)
         self.rename(temporary, relative)
+
+    def open_temporary(self, relative: str) -> tuple[str, IO[bytes]]:
+        """Open a new temporary sibling of `relative` for writing, bit by bit; returns its
+        relative path and the open handle. `rename` it into place once complete: until then no
+        reader takes it for the real file, and `remove_temporaries` deletes it if the writer dies.
+        """
+        temporary = f"{relative}.tmp-{uuid.uuid4().hex[:12]}"
+        target = self.path(temporary)
+        if self.is_local:
+            self.fs.makedirs(posixpath.dirname(target), exist_ok=True)
+        return temporary, self.fs.open(target, "wb")
 
     def rename(self, source: str, target: str) -> None:
         if self.is_local:  # atomic, and an error (not a move into it) when a folder is in the way

@@ -1,4 +1,4 @@
-"""ShardWriter: encode rendered samples into a WebDataset tar and a Parquet file, then commit.
+"""ShardWriter: stream rendered samples into a WebDataset tar and a Parquet file, then commit.
 
 A shard counts only once its commit record exists (`.synthgen/commits/NAME.json`, written last)
 and the files it lists have the sha256 it records. Files are written under temporary names and
@@ -7,14 +7,18 @@ renamed, so a worker killed at any instant leaves a committed shard or nothing t
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
 import os
+import queue
+import threading
 import time
-from collections.abc import Iterable
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
+from typing import IO
 
 import datasets
 import pyarrow as pa
@@ -30,6 +34,9 @@ from synthgen.recipe import Recipe
 IMAGE_SUFFIX = {"png": "png", "jpg": "jpg", "webp": "webp"}
 PIL_FORMAT = {"png": "PNG", "jpg": "JPEG", "webp": "WEBP"}
 TAR_MTIME = 0  # fixed, so two runs of one recipe write byte-identical tars
+ROW_GROUP_SIZE = 100  # preview and audit read a row group at a time, so keep them small
+QUEUE_PER_ENCODER = 4  # samples waiting for the writer thread, per encoder thread
+_END = object()  # put after a shard's last sample: tells the writer thread to finish
 
 
 @dataclass
@@ -114,12 +121,168 @@ def sample_metadata(spec: SampleSpec, recipe: Recipe) -> dict:
     }
 
 
+class HashingFile:
+    """A write-only file that hashes what passes through it, so a shard's sha256 never needs a
+    second read of a file that may be remote."""
+
+    def __init__(self, handle: IO[bytes]):
+        self.handle = handle
+        self.sha256 = hashlib.sha256()
+
+    def write(self, data: bytes) -> int:
+        self.sha256.update(data)
+        return self.handle.write(data)
+
+    @property
+    def closed(self) -> bool:  # pyarrow checks it before writing
+        return self.handle.closed
+
+    def close(self) -> None:
+        self.handle.close()
+
+
+class ShardFiles:
+    """One shard's tar and Parquet file, appended to sample by sample under temporary names."""
+
+    def __init__(self, out: OutDir, name: str, formats: Iterable[str], schema: pa.Schema):
+        self.out = out
+        self.schema = schema  # carries the `huggingface` features metadata
+        self.temporaries: dict[str, tuple[str, HashingFile]] = {}  # final path -> temporary
+        self.renamed: list[str] = []
+        self.rows: list[dict] = []
+        self.tar: wds.TarWriter | None = None
+        self.parquet: pq.ParquetWriter | None = None
+        try:
+            if "webdataset" in formats:
+                tar = self._open(f"webdataset/{name}.tar")
+                self.tar = wds.TarWriter(tar, mtime=TAR_MTIME, encoder=False)
+            if "parquet" in formats:
+                self.parquet = pq.ParquetWriter(self._open(f"parquet/{name}.parquet"), schema)
+        except BaseException:
+            self.discard()
+            raise
+
+    def _open(self, relative: str) -> HashingFile:
+        temporary, handle = self.out.open_temporary(relative)
+        self.temporaries[relative] = (temporary, HashingFile(handle))
+        return self.temporaries[relative][1]
+
+    def append(self, member: dict, row: dict) -> None:
+        if self.tar is not None:
+            self.tar.write(member)
+        if self.parquet is not None:
+            self.rows.append(row)
+            if len(self.rows) == ROW_GROUP_SIZE:
+                self._write_row_group()
+
+    def _write_row_group(self) -> None:
+        table = pa.Table.from_pylist(self.rows, schema=self.schema)
+        # Let go of the rows first: pyarrow hands the image column to Python as one bytes object
+        # as big as the row group's images, and both at once would double the peak.
+        self.rows = []
+        self.parquet.write_table(table, row_group_size=ROW_GROUP_SIZE)
+
+    def close(self) -> dict[str, str]:
+        """Finish every file; returns the sha256 of each, by the path it will be renamed to."""
+        if self.rows:
+            self._write_row_group()
+        for writer in (self.tar, self.parquet):
+            if writer is not None:
+                writer.close()
+        for _, file in self.temporaries.values():
+            file.close()
+        return {path: file.sha256.hexdigest() for path, (_, file) in self.temporaries.items()}
+
+    def rename(self) -> None:
+        """Move the closed temporaries into place."""
+        for path, (temporary, _) in self.temporaries.items():
+            self.out.rename(temporary, path)
+            self.renamed.append(path)
+
+    def discard(self) -> None:
+        """Close what is open and delete what was written, so a failed shard leaves nothing.
+
+        Errors here are swallowed: the one that brought us here is what the caller needs, and a
+        temporary left behind is deleted by `OutDir.remove_temporaries` later.
+        """
+        open_files = [self.tar, self.parquet, *(file for _, file in self.temporaries.values())]
+        for file in open_files:
+            if file is not None:
+                with contextlib.suppress(Exception):
+                    file.close()
+        for path, (temporary, _) in self.temporaries.items():
+            with contextlib.suppress(Exception):
+                self.out.remove(path if path in self.renamed else temporary)
+
+
+class ShardStream:
+    """Feeds a shard's samples to its files on a background thread, in sample order, as their
+    encodes finish: the render thread hands each sample off and goes on, and at most `depth`
+    samples (plus one row group) wait in memory."""
+
+    def __init__(
+        self,
+        files: ShardFiles,
+        entry: Callable[[SampleSpec, bytes], tuple[dict, dict]],
+        depth: int,
+    ):
+        self.files = files
+        self.entry = entry  # (spec, encoded image) -> (tar member, Parquet row)
+        self.queue: queue.Queue = queue.Queue(maxsize=depth)
+        self.cancelled = threading.Event()
+        self.error: BaseException | None = None
+        self.digests: dict[str, str] = {}
+        self.ended = False
+        self.thread = threading.Thread(target=self._run, name="shard-writer")
+        self.thread.start()
+
+    def put(self, spec: SampleSpec, encoded: Future[bytes]) -> None:
+        if self.error is not None:
+            raise self.error  # stop rendering now rather than at the end of the shard
+        self.queue.put((spec, encoded))
+
+    def finish(self) -> dict[str, str]:
+        """Wait for the writer to finish the files; returns their sha256 by final path."""
+        self._end()
+        if self.error is not None:
+            raise self.error
+        return self.digests
+
+    def abandon(self) -> None:
+        """Stop the writer and delete the shard's files."""
+        self.cancelled.set()
+        self._end()
+        self.files.discard()
+
+    def _end(self) -> None:
+        if not self.ended:
+            self.ended = True
+            self.queue.put(_END)
+        self.thread.join()
+
+    def _run(self) -> None:
+        samples = iter(self.queue.get, _END)  # stops for good once it has taken _END
+        try:
+            for spec, encoded in samples:
+                if not self.cancelled.is_set():
+                    self.files.append(*self.entry(spec, encoded.result()))
+            if not self.cancelled.is_set():
+                self.digests = self.files.close()
+        except BaseException as error:
+            self.error = error
+            # Keep taking samples until _END, so the render thread never blocks on a full queue.
+            for _ in samples:
+                pass
+
+
 class ShardWriter:
     def __init__(self, out: OutDir, recipe: Recipe, encoders: int | None = None):
         self.out = out
         self.recipe = recipe
-        self.pool = ThreadPoolExecutor(encoders or min(8, os.cpu_count() or 1), "encode")
+        self.encoders = encoders or min(8, os.cpu_count() or 1)
+        self.pool = ThreadPoolExecutor(self.encoders, "encode")
         self.features = dataset_features(recipe)
+        self.suffix = IMAGE_SUFFIX[recipe.output.image_format]
         self.class_index = {
             name: {value: i for i, value in enumerate(spec.values)}
             for name, spec in recipe.labels.items()
@@ -133,37 +296,32 @@ class ShardWriter:
         seconds: dict[str, float] | None = None,
         skipped: list[dict] | None = None,
     ) -> ShardRecord:
-        formats = self.recipe.output.formats
-        suffix = IMAGE_SUFFIX[self.recipe.output.image_format]
-        # Encoding runs in the pool while the renderer makes the next batch (zlib and libjpeg
-        # release the GIL), so the accelerator does not wait for PNG compression.
-        pending = []
-        for spec, image in samples:
-            if "." in spec.key:
-                raise ValueError(f"sample key '{spec.key}' contains a dot, which WebDataset splits")
-            pending.append((spec, self.pool.submit(encode_image, image, self.recipe)))
-        started = time.perf_counter()
-        rows, members = [], []
-        for spec, encoded in pending:
-            data = encoded.result()
-            meta = sample_metadata(spec, self.recipe)
-            members.append({"__key__": spec.key, suffix: data, "json": json.dumps(meta).encode(),
-                            "txt": spec.prompt.encode()})  # fmt: skip
-            rows.append(self._row(meta, data))
-        files = {}
-        if "webdataset" in formats:
-            files[f"webdataset/{task.name}.tar"] = self._tar_bytes(members)
-        if "parquet" in formats:
-            files[f"parquet/{task.name}.parquet"] = self._parquet_bytes(rows)
-        digests = {path: hashlib.sha256(data).hexdigest() for path, data in files.items()}
-        for path, data in files.items():
-            self.out.write_atomic(path, data)
-        strengths = {row["strength"] for row in rows}
+        schema = self.features.arrow_schema
+        files = ShardFiles(self.out, task.name, self.recipe.output.formats, schema)
+        stream = ShardStream(files, self._entry, depth=QUEUE_PER_ENCODER * self.encoders)
+        count, strengths = 0, set()
+        try:
+            for spec, image in samples:
+                if "." in spec.key:
+                    raise ValueError(
+                        f"sample key '{spec.key}' contains a dot, which WebDataset splits"
+                    )
+                # Encoding runs in the pool while the renderer makes the next batch (zlib and
+                # libjpeg release the GIL), so the accelerator does not wait for PNG compression.
+                stream.put(spec, self.pool.submit(encode_image, image, self.recipe))
+                count += 1
+                strengths.add(spec.strength)
+            started = time.perf_counter()
+            digests = stream.finish()
+            files.rename()
+        except BaseException:
+            stream.abandon()
+            raise
         record = ShardRecord(
             name=task.name,
             split=task.split,
             shard=task.shard,
-            count=len(rows),
+            count=count,
             files=digests,
             strength=strengths.pop() if len(strengths) == 1 else None,
             skipped=skipped or [],
@@ -171,6 +329,13 @@ class ShardWriter:
         )
         self.out.write_atomic(self.out.commit_path(task.name), json.dumps(asdict(record)).encode())
         return record
+
+    def _entry(self, spec: SampleSpec, image: bytes) -> tuple[dict, dict]:
+        """The tar member and the Parquet row of one encoded sample."""
+        meta = sample_metadata(spec, self.recipe)
+        member = {"__key__": spec.key, self.suffix: image, "json": json.dumps(meta).encode(),
+                  "txt": spec.prompt.encode()}  # fmt: skip
+        return member, self._row(meta, image)
 
     def _row(self, meta: dict, image: bytes) -> dict:
         row = {
@@ -182,17 +347,3 @@ class ShardWriter:
             row[name] = self.class_index[name][value] if name in self.class_index else value
         row.update({k: meta[k] for k in ("mode", "seed", "steps", "guidance_scale", "strength")})
         return row
-
-    def _tar_bytes(self, members: list[dict]) -> bytes:
-        buffer = io.BytesIO()
-        with wds.TarWriter(buffer, mtime=TAR_MTIME, encoder=False) as tar:
-            for member in members:
-                tar.write(member)
-        return buffer.getvalue()
-
-    def _parquet_bytes(self, rows: list[dict]) -> bytes:
-        schema = self.features.arrow_schema  # carries the `huggingface` features metadata
-        table = pa.Table.from_pylist(rows, schema=schema)
-        buffer = io.BytesIO()
-        pq.write_table(table, buffer, row_group_size=100)
-        return buffer.getvalue()
