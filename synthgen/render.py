@@ -9,14 +9,18 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
+from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 
 from synthgen.plan import SampleSpec
+from synthgen.prompt_embeddings import PromptEmbeddings
 from synthgen.recipe import GenerationConfig
 
 SourceLoader = Callable[[SampleSpec], Image.Image]
+Sources = list[Future] | None  # per sample: its source image as a (1, 3, H, W) tensor in [-1, 1]
 log = logging.getLogger("synthgen")
 
 
@@ -33,18 +37,50 @@ class Renderer:
         self.device = device
         self.load_source = load_source
         self.batch_size = generation.batch_size
-        if generation.mode == "i2i" and load_source is None:
-            raise ValueError("an i2i renderer needs a source loader")
+        self.prompts = PromptEmbeddings(pipe, device, generation.batch_size)
+        self.readers = None
+        if generation.mode == "i2i":
+            if load_source is None:
+                raise ValueError("an i2i renderer needs a source loader")
+            # Decoding cohort files (PNG, JPEG, DICOM) releases the GIL: it overlaps the GPU.
+            self.readers = ThreadPoolExecutor(4, "source")
 
     def render(self, specs: Sequence[SampleSpec]) -> Iterator[tuple[SampleSpec, Image.Image]]:
+        """(spec, image) in order; batch k+1's sources are read while batch k renders."""
         size = self.batch_size
-        for start in range(0, len(specs), size):
-            yield from self._render_batch(list(specs[start : start + size]), size)
+        batches = [list(specs[start : start + size]) for start in range(0, len(specs), size)]
+        upcoming = self._read_sources(batches[0]) if batches else None
+        for index, batch in enumerate(batches):
+            sources = upcoming
+            if index + 1 < len(batches):
+                upcoming = self._read_sources(batches[index + 1])
+            yield from self._render_batch(batch, sources)
 
-    def _render_batch(self, batch: list[SampleSpec], size: int):
-        padded = batch + [batch[-1]] * (size - len(batch))
+    def warm_up(self, spec: SampleSpec) -> None:
+        """Render (and drop) one full batch: a compiled UNet compiles here, not in a shard."""
+        for _ in self._render_batch([spec], self._read_sources([spec])):
+            pass
+
+    def _read_sources(self, batch: list[SampleSpec]) -> Sources:
+        if self.readers is None:
+            return None
+        return [self.readers.submit(self._source_pixels, spec) for spec in batch]
+
+    def _source_pixels(self, spec: SampleSpec) -> torch.Tensor:
+        return self.pipe.image_processor.preprocess(self.load_source(spec))
+
+    def _render_batch(self, batch: list[SampleSpec], sources: Sources):
+        size = self.batch_size
+        if len(batch) > size:  # planned before an out-of-memory retry shrank the batch
+            for start in range(0, len(batch), size):
+                part = sources[start : start + size] if sources else None
+                yield from self._render_batch(batch[start : start + size], part)
+            return
+        pad = size - len(batch)
         try:
-            images = self._call(padded)
+            images = self._call(
+                batch + batch[-1:] * pad, sources + sources[-1:] * pad if sources else None
+            )
         except torch.OutOfMemoryError:
             if size == 1:
                 raise
@@ -52,34 +88,45 @@ class Renderer:
             torch.cuda.empty_cache()
             self.batch_size = size // 2
             log.warning("out of memory at batch size %d; retrying at %d", size, self.batch_size)
-            for start in range(0, len(batch), self.batch_size):
-                yield from self._render_batch(
-                    batch[start : start + self.batch_size], self.batch_size
-                )
+            yield from self._render_batch(batch, sources)
             return
         yield from zip(batch, images)
 
-    def _call(self, specs: list[SampleSpec]) -> list[Image.Image]:
+    def _call(self, specs: list[SampleSpec], sources: Sources) -> list[Image.Image]:
         g = self.generation
         generators = [torch.Generator(self.device).manual_seed(s.seed) for s in specs]
-        kwargs = dict(
-            prompt=[s.prompt for s in specs],
-            negative_prompt=[g.negative_prompt] * len(specs) if g.negative_prompt else None,
-            num_inference_steps=g.steps,
-            guidance_scale=g.guidance_scale,
-            generator=generators,
-            output_type="latent",
-        )
-        if g.mode == "i2i":
-            strengths = {s.strength for s in specs}
-            if len(strengths) != 1:
-                raise ValueError("an i2i batch must share one strength")
-            kwargs.update(image=[self.load_source(s) for s in specs], strength=strengths.pop())
-        else:
-            kwargs.update(height=g.height, width=g.width)
         with torch.inference_mode():
+            embeds = self.prompts([s.prompt for s in specs])
+            kwargs = dict(
+                prompt_embeds=embeds,
+                negative_prompt_embeds=self.prompts([g.negative_prompt or ""]).expand_as(embeds),
+                num_inference_steps=g.steps,
+                guidance_scale=g.guidance_scale,
+                generator=generators,
+                output_type="latent",
+            )
+            if g.mode == "i2i":
+                strengths = {s.strength for s in specs}
+                if len(strengths) != 1:
+                    raise ValueError("an i2i batch must share one strength")
+                pixels = [future.result() for future in sources]
+                kwargs.update(image=self._encode(pixels, generators), strength=strengths.pop())
+            else:
+                kwargs.update(height=g.height, width=g.width)
             pixels = self._decode(self.pipe(**kwargs).images)
         return [Image.fromarray(array) for array in pixels.numpy()]
+
+    def _encode(self, pixels: list[torch.Tensor], generators: list[torch.Generator]):
+        """Source images to scaled latents in one VAE call (diffusers encodes them one by one
+        when each sample has its own generator); each sample's posterior draw uses its own
+        generator first, as in diffusers, so the noise that follows is the same."""
+        vae = self.pipe.vae
+        posterior = vae.encode(torch.cat(pixels).to(self.device, vae.dtype)).latent_dist
+        shape = (1, *posterior.mean.shape[1:])
+        draws = [
+            randn_tensor(shape, generator=g, device=vae.device, dtype=vae.dtype) for g in generators
+        ]
+        return vae.config.scaling_factor * (posterior.mean + posterior.std * torch.cat(draws))
 
     def _decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Latents to uint8 HxWxC on the host, decoded here rather than in the pipeline so that

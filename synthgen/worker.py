@@ -20,6 +20,7 @@ from synthgen.outdir import OutDir
 from synthgen.plan import Plan, ShardTask
 from synthgen.render import Renderer
 from synthgen.shards import ShardRecord, ShardWriter
+from synthgen.tuning import tune_pipeline
 
 Progress = Callable[[int], None]
 
@@ -35,6 +36,7 @@ class Worker:
         self.out = out
         started = time.perf_counter()
         pipe, identity = load_pipeline(recipe.model, mode=recipe.generation.mode, device=device)
+        tune_pipeline(pipe, device, compile_unet=recipe.model.compile)
         self.load_seconds = time.perf_counter() - started
         load_source = None
         if plan.cohort is not None:
@@ -42,6 +44,11 @@ class Worker:
             load_row = source_image_loader(rows, recipe.source.preprocess)
             load_source = lambda spec: load_row(spec.source_row)  # noqa: E731
         self.renderer = Renderer(pipe, recipe.generation, device, load_source)
+        self.compile_seconds = 0.0  # reported once, with the first shard this worker commits
+        if recipe.model.compile:
+            started = time.perf_counter()
+            self.renderer.warm_up(plan.specs(plan.tasks[0])[0])
+            self.compile_seconds = time.perf_counter() - started
         self.writer = ShardWriter(out, recipe)
         if not out.exists(MODEL_RECORD):
             out.write_atomic(MODEL_RECORD, json.dumps(asdict(identity), indent=2).encode())
@@ -49,6 +56,8 @@ class Worker:
     def run_shard(self, task: ShardTask, progress: Progress | None = None) -> ShardRecord:
         specs = self.plan.specs(task)
         timings = {"render": 0.0}
+        if self.compile_seconds:
+            timings["compile"], self.compile_seconds = self.compile_seconds, 0.0
 
         def rendered():
             last = time.perf_counter()
