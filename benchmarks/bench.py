@@ -80,6 +80,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="seed loop uses the plan's per-sample seeds; report pixel diffs",
     )
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile synthgen's UNet (model.compile); compile seconds are reported apart",
+    )
     parser.add_argument("--no-mfu", action="store_true", help="skip FLOP counting and the peak")
     parser.add_argument("--png-size", type=int, default=512)
     parser.add_argument(
@@ -121,6 +126,7 @@ def model_case(mode, settings, seed_pipes, lora, peak, folder: Path) -> dict:
         "count": s.count,
         "batch_size": s.batch_size,
         "lora_rank": s.lora_rank,
+        "compile": s.compile,
         "seed_loop": seed.summary(),
         "synthgen": ours.summary(),
     }
@@ -164,6 +170,7 @@ def main(argv: list[str] | None = None) -> int:
         batch_size=args.batch_size,
         lora_rank=args.lora_rank,
         check=args.check,
+        compile=args.compile,
     )
     env = environment(args.device)
     print(json.dumps({"environment": env}), file=sys.stderr)

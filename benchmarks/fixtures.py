@@ -47,6 +47,7 @@ class Settings:
     batch_size: int
     lora_rank: int
     check: bool
+    compile: bool = False  # torch.compile synthgen's UNet (the seed loop stays eager)
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -92,7 +93,7 @@ def bench_recipe(settings: Settings, mode: str, lora: Path | None, folder: Path)
     from synthgen.recipe import recipe_from_dict
 
     s = settings
-    model = {"base": s.model, "scheduler": "ddim", "dtype": s.dtype}
+    model = {"base": s.model, "scheduler": "ddim", "dtype": s.dtype, "compile": s.compile}
     if lora is not None:
         model["lora"] = {"path": str(lora)}
     generation = {

@@ -114,8 +114,8 @@ def markdown(env: dict, results: list[dict]) -> str:
             "",
             "| case | model | size | steps | strength | images | batch | seed loop img/s "
             "| synthgen img/s | speedup | speedup in CPU time | MFU seed | MFU synthgen "
-            "| max abs px diff |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+            "| non-model share synthgen | compile s | max abs px diff |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for r in models:
             seed, ours = r["seed_loop"], r["synthgen"]
@@ -126,7 +126,8 @@ def markdown(env: dict, results: list[dict]) -> str:
                 f"| {_fmt(seed['images_per_s'])} | {_fmt(ours['images_per_s'])} "
                 f"| {_fmt(r['speedup'])}× | {_fmt(r['speedup_cpu_time'])}× "
                 f"| {_fmt(seed.get('mfu'))} | {_fmt(ours.get('mfu'))} "
-                f"| {_fmt(check)} |"
+                f"| {_fmt(ours.get('non_model_share'))} "
+                f"| {_fmt(ours['compile_s']) if r.get('compile') else '–'} | {_fmt(check)} |"
             )
         lines += [
             "",
@@ -144,8 +145,10 @@ def markdown(env: dict, results: list[dict]) -> str:
                 lines.append(f"| {r['case']} | {path} | {cells} | {cpu} |")
         lines += [
             "",
-            "\\* in synthgen's encoder threads, overlapped with rendering; "
-            "`other` = total − the unstarred columns.",
+            "\\* in synthgen's encoder and source-reader threads, overlapped with rendering; "
+            "`other` = total − the unstarred columns. Non-model share: 1 − (text encoder + VAE "
+            "+ UNet loop) / wall; the UNet loop includes the scheduler steps. Compile seconds "
+            "(one warm-up batch, once per worker) are not in the per-image rates.",
         ]
         if models[0].get("peak_tflop_per_s"):
             lines += [

@@ -23,6 +23,8 @@ COMPONENTS = (
     "png_encode",
     "write",
 )
+# The forward passes; the UNet loop also holds the scheduler steps and the guidance arithmetic.
+MODEL_COMPONENTS = ("text_encoder", "vae_encode", "unet_loop", "vae_decode")
 
 
 class ComponentTimer:
@@ -131,7 +133,9 @@ def unet_flops(pipe, batch: int, size: int) -> int:
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
 
-    unet = pipe.unet
+    from synthgen.tuning import uncompiled
+
+    unet = uncompiled(pipe.unet)  # the counter needs the eager module's operators
     latent = size // pipe.vae_scale_factor
     device, dtype = unet.device, unet.dtype
     sample = torch.randn(batch, unet.config.in_channels, latent, latent, device=device, dtype=dtype)
