@@ -118,7 +118,7 @@ def build_manifest(out: OutDir, recipe: Recipe, tasks: list[ShardTask]) -> dict:
         "skipped": run.get("skipped", [])
         + [r for shard in shards for r in shard.get("skipped", [])],
         "shards": [
-            {k: s[k] for k in ("name", "split", "shard", "count", "files", "strength")}
+            {k: s.get(k) for k in ("name", "split", "shard", "count", "files", "sizes", "strength")}
             for s in shards
         ],
     }

@@ -142,9 +142,14 @@ def parse_devices(value: str | None, workers_per_device: int) -> tuple[str, ...]
 @click.option("--world-size", type=int, default=None, help="Number of ranks.")
 @click.option("--max-retries", default=2, show_default=True, type=click.IntRange(min=0))
 @click.option("--overwrite", is_flag=True, help="Replace another recipe's data in OUT.")
+@click.option(
+    "--verify",
+    is_flag=True,
+    help="Resuming: re-hash every committed shard (default: check their names and sizes).",
+)
 @user_errors
 def generate(recipe, out, num_samples, devices, workers_per_device, executor, address, rank,
-             world_size, max_retries, overwrite):  # fmt: skip
+             world_size, max_retries, overwrite, verify):  # fmt: skip
     """Render RECIPE into OUT; resumes a partial run of the same recipe."""
     from synthgen.executors import launcher_rank
     from synthgen.modelfiles import check_model_reference
@@ -170,7 +175,7 @@ def generate(recipe, out, num_samples, devices, workers_per_device, executor, ad
     if "://" not in out or out.startswith("file://"):
         log_dir = str(Path(out.removeprefix("file://")) / ".synthgen" / "logs")
     execution = Execution(device_list, executor, address, rank, world_size, max_retries, log_dir)
-    result = run(loaded, out, execution, overwrite=overwrite)
+    result = run(loaded, out, execution, overwrite=overwrite, verify=verify)
     if result.already_complete:
         click.echo(
             f"{out} is already complete for this recipe ({result.total} samples): nothing to do"

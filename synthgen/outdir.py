@@ -93,6 +93,14 @@ class OutDir:
         prefix = self.root.rstrip("/") + "/"
         return sorted(p.removeprefix(prefix) for p in self.fs.find(self.root))
 
+    def file_sizes(self) -> dict[str, int]:
+        """Every file below the root with its size in bytes, from one listing (no reads)."""
+        if not self.exists():
+            return {}
+        prefix = self.root.rstrip("/") + "/"
+        listing = self.fs.find(self.root, detail=True)
+        return {path.removeprefix(prefix): info["size"] for path, info in listing.items()}
+
     def run_record(self) -> dict | None:
         return json.loads(self.read_text(RUN_RECORD)) if self.exists(RUN_RECORD) else None
 

@@ -39,4 +39,4 @@ class PromptEmbeddings:
         embeds = self.pipe.encode_prompt(padded, self.device, 1, False)[0]
         self.encoded += len(prompts)
         for prompt, row in zip(prompts, embeds):
-            self.cache[prompt] = row
+            self.cache[prompt] = row.clone()  # not a view: a kept row must not pin its batch

@@ -87,22 +87,35 @@ def write_linkage(plan: Plan, path: str, out: OutDir) -> None:
     temporary.replace(target)
 
 
-def _intact(out: OutDir, record: dict) -> bool:
+def _hashes_match(out: OutDir, record: dict) -> bool:
     for path, digest in record["files"].items():
         if not out.exists(path) or hashlib.sha256(out.read_bytes(path)).hexdigest() != digest:
             return False
     return True
 
 
-def run_state(out: OutDir, tasks: list[ShardTask], verify: bool = True) -> RunState:
-    """Split the plan into committed and to-do shards; a damaged shard is to do again."""
+def run_state(out: OutDir, tasks: list[ShardTask], verify: bool = False) -> RunState:
+    """Split the plan into committed and to-do shards; a damaged shard is to do again.
+
+    A shard's files were complete when its commit record was written (they are renamed into
+    place first), so what can go wrong later is a file lost or cut short: checking names and
+    sizes from one listing catches that without reading terabytes. `verify` re-hashes every
+    file, for damage that keeps the size.
+    """
     records = out.committed_records()
     if out.exists("manifest.json") and all(t.name in records for t in tasks):
         return RunState(done=list(tasks), todo=[], complete=True)
+    on_disk = out.file_sizes()
     done, todo = [], []
     for task in tasks:
         record = records.get(task.name)
-        if record is not None and (not verify or _intact(out, record)):
+        if record is None:
+            intact = False
+        elif verify or not record.get("sizes"):  # records from before sizes were kept: hash
+            intact = _hashes_match(out, record)
+        else:
+            intact = all(on_disk.get(path) == size for path, size in record["sizes"].items())
+        if intact:
             done.append(task)
         else:
             if record is not None:
@@ -139,9 +152,17 @@ class Execution:
 
 
 def generate(
-    recipe: Recipe, out_url: str, execution: Execution = Execution(), *, overwrite: bool = False
+    recipe: Recipe,
+    out_url: str,
+    execution: Execution = Execution(),
+    *,
+    overwrite: bool = False,
+    verify: bool = False,
 ) -> RunResult:
-    """Render every shard of `recipe` not yet committed in OUT; finalize once all are."""
+    """Render every shard of `recipe` not yet committed in OUT; finalize once all are.
+
+    `verify` re-hashes the committed shards before resuming (else names and sizes are checked).
+    """
     from synthgen.card import finalize
     from synthgen.executors import progress_bar, rank_share, run_in_process, run_local_pool, run_ray
     from synthgen.plan import build_plan
@@ -151,7 +172,7 @@ def generate(
     claim_output(out, recipe, plan, overwrite=overwrite)
     tasks = plan.tasks
     skipped = len(plan.cohort.skipped) if plan.cohort is not None else 0
-    state = run_state(out, tasks)
+    state = run_state(out, tasks, verify=verify)
     if state.complete:
         return RunResult(plan.total, 0, 0.0, True, len(tasks), skipped, True, {})
     ranked = execution.rank is not None

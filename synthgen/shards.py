@@ -48,6 +48,7 @@ class ShardRecord:
     shard: int
     count: int
     files: dict[str, str]  # relative path -> sha256
+    sizes: dict[str, int] = field(default_factory=dict)  # relative path -> bytes (quick resume)
     strength: float | None = None
     skipped: list[dict] = field(default_factory=list)  # {"row": n, "reason": "..."}
     seconds: dict[str, float] = field(default_factory=dict)
@@ -128,9 +129,11 @@ class HashingFile:
     def __init__(self, handle: IO[bytes]):
         self.handle = handle
         self.sha256 = hashlib.sha256()
+        self.size = 0
 
     def write(self, data: bytes) -> int:
         self.sha256.update(data)
+        self.size += len(data)
         return self.handle.write(data)
 
     @property
@@ -192,6 +195,9 @@ class ShardFiles:
         for _, file in self.temporaries.values():
             file.close()
         return {path: file.sha256.hexdigest() for path, (_, file) in self.temporaries.items()}
+
+    def sizes(self) -> dict[str, int]:
+        return {path: file.size for path, (_, file) in self.temporaries.items()}
 
     def rename(self) -> None:
         """Move the closed temporaries into place."""
@@ -323,6 +329,7 @@ class ShardWriter:
             shard=task.shard,
             count=count,
             files=digests,
+            sizes=files.sizes(),
             strength=strengths.pop() if len(strengths) == 1 else None,
             skipped=skipped or [],
             seconds={**(seconds or {}), "write": time.perf_counter() - started},

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from pathlib import Path
 
 import datasets
@@ -164,3 +165,29 @@ def test_info_reports_counts_and_labels(generated):
     result = run_cli("info", str(generated))
     assert "complete" in result.stdout and "train: 16 samples" in result.stdout
     assert "| laterality |" in result.stdout
+
+
+def test_resume_redoes_a_shard_cut_short_and_verify_finds_one_altered(tmp_path, generated):
+    out = tmp_path / "out"
+    shutil.copytree(generated, out)
+    recipe = recipe_from_dict(small_recipe())
+    original = {path: Path(path).read_bytes() for path in tars(out)}
+    first, second = sorted(original)[:2]
+    records = json.loads((out / "manifest.json").read_text())["shards"]
+    assert all(r["sizes"] == {p: (out / p).stat().st_size for p in r["files"]} for r in records)
+    count = {str(out / p): r["count"] for r in records for p in r["files"] if p.endswith(".tar")}
+
+    (out / "manifest.json").unlink()  # an interrupted run: not finalized
+    Path(first).write_bytes(original[first][:-512])  # cut short after its commit
+    result = generate(recipe, str(out))
+    assert result.rendered == count[first] and result.resumed_shards == len(records) - 1
+    assert Path(first).read_bytes() == original[first]
+
+    (out / "manifest.json").unlink()
+    altered = bytearray(original[second])
+    altered[700] ^= 0xFF  # same size: only re-hashing sees it
+    Path(second).write_bytes(bytes(altered))
+    assert generate(recipe, str(out)).rendered == 0  # the quick check trusts names and sizes
+    (out / "manifest.json").unlink()
+    assert generate(recipe, str(out), verify=True).rendered == count[second]
+    assert Path(second).read_bytes() == original[second]
