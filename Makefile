@@ -9,7 +9,7 @@ TORCH  ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo torch || echo to
 TORCH_INDEX ?=
 PYTEST_ARGS ?=
 
-.PHONY: install demo demo-i2i test lint bench bench-gpu bench-wheels all-data clean
+.PHONY: install demo demo-i2i test test-gpu lint bench bench-gpu bench-wheels all-data clean
 .DEFAULT_GOAL := demo
 
 # `install` = the package and its test extras; the demos need the package alone (quicker).
@@ -68,6 +68,9 @@ bench: install
 # the wheels in .whl/, which `make bench-wheels` fetches where PyPI is reachable.
 bench-gpu:
 	bash benchmarks/run-gpu.sh $(BENCH_ARGS)
+
+test-gpu:
+	bash benchmarks/run-gpu.sh tests $(PYTEST_ARGS)
 
 bench-wheels: install
 	$(BIN)/python benchmarks/gpu_wheels.py .whl

@@ -1,7 +1,7 @@
 """On a CUDA device: no host syncs in the denoising loop, half precision, a compiled UNet.
 
-Skipped without CUDA (the development machine has none); run on a lent GPU with
-`pytest -m gpu tests/test_gpu.py`.
+Skipped without CUDA (the development machine has none); on a GPU machine `make test-gpu`
+(which uses the wheels in .whl/ where synthgen is not installed).
 """
 
 from __future__ import annotations
