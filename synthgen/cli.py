@@ -292,9 +292,16 @@ def preview(source: str, output: Path, count: int | None, seed: int, columns: in
 @click.option("--revision", default=None, help="Branch to push to (created if needed).")
 @click.option("--token-from-env", is_flag=True, help="Read the token from HF_TOKEN.")
 @click.option("--dry-run", is_flag=True, help="List the files that would be sent, send nothing.")
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    default=60,
+    show_default=True,
+    help="Seconds a connection may stall before the push gives up.",
+)
 @user_errors
 def push(out: Path, repo_id: str, private: bool, revision: str | None, token_from_env: bool,
-         dry_run: bool) -> None:  # fmt: skip
+         dry_run: bool, timeout: float) -> None:  # fmt: skip
     """Upload a complete OUT to the Hugging Face Hub as a dataset repo."""
     from synthgen.hub import files_to_upload, push_dataset
     from synthgen.hub import token_from_env as env_token
@@ -304,7 +311,9 @@ def push(out: Path, repo_id: str, private: bool, revision: str | None, token_fro
             click.echo(path)
         return
     token = env_token() if token_from_env else None
-    url = push_dataset(out, repo_id, private=private, revision=revision, token=token)
+    url = push_dataset(
+        out, repo_id, private=private, revision=revision, token=token, timeout=timeout
+    )
     click.echo(f"pushed {out} to {url}")
 
 

@@ -13,8 +13,10 @@ import re
 from collections.abc import Mapping
 from pathlib import Path
 
+import httpx2
 from huggingface_hub import HfApi
 from huggingface_hub.errors import HfHubHTTPError, HFValidationError
+from huggingface_hub.utils import _http as hf_http
 from huggingface_hub.utils import filter_repo_objects, validate_repo_id
 
 from synthgen.errors import OutputError
@@ -34,6 +36,10 @@ ALLOWED_IN_FOLDER = {
 
 # Passed to upload_folder as well, so that even a mistake in the allow-list cannot send these.
 NEVER_UPLOADED = (".synthgen/*", "*.tmp*", "*.partial", "*/.synthgen/*")
+
+# Seconds any one connect, read or write may stall: huggingface_hub's client waits forever by
+# default, so a dead network would hang a push with no word. A slow upload is not a stall.
+HUB_TIMEOUT_S = 60.0
 
 # An i2i card must carry this section: it says how the source cohort was protected.
 _PRIVACY_HEADING = re.compile(r"^##[ \t]+Privacy\b", re.MULTILINE)
@@ -139,6 +145,15 @@ def _hub_refused(err: HfHubHTTPError, repo_id: str, step: str) -> OutputError:
     return OutputError(f"the Hub refused to {step} ({reason}){hint}", where=repo_id)
 
 
+def _bounded_client(seconds: float):
+    def factory() -> httpx2.Client:
+        client = hf_http.default_client_factory()
+        client.timeout = httpx2.Timeout(seconds)
+        return client
+
+    return factory
+
+
 def push_dataset(
     out: Path,
     repo_id: str,
@@ -147,6 +162,7 @@ def push_dataset(
     revision: str | None = None,
     token: str | None = None,
     endpoint: str | None = None,
+    timeout: float = HUB_TIMEOUT_S,
 ) -> str:
     """Create the dataset repo if needed and upload OUT's publishable files; returns the repo URL.
 
@@ -156,6 +172,7 @@ def push_dataset(
     out = Path(out)
     _check_repo_id(repo_id)
     files = files_to_upload(out)
+    hf_http.set_client_factory(_bounded_client(timeout))
     api = HfApi(endpoint=endpoint, token=token)
     step = "create the repo"
     try:
@@ -187,4 +204,12 @@ def push_dataset(
         )
     except HfHubHTTPError as err:
         raise _hub_refused(err, repo_id, step) from err
+    except httpx2.TimeoutException as err:
+        raise OutputError(
+            f"the Hub did not answer for {timeout:g} s while trying to {step}; check the network "
+            "(or HF_ENDPOINT) and push again: files already on the Hub are not sent twice",
+            where=repo_id,
+        ) from err
+    finally:
+        hf_http.set_client_factory(hf_http.default_client_factory)
     return str(repo_url)

@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
+import os
+import socket
+import subprocess
 import tarfile
+import threading
+import time
 from pathlib import Path
 
-import httpx2
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from conftest import CONSOLE_SCRIPT
 from hub_server import FakeHub  # tests/ is on sys.path: pytest's default rootdir-less import
 from huggingface_hub import constants as hf_constants
-from huggingface_hub.utils import _http as hf_http
 from PIL import Image
 
 from synthgen.errors import OutputError
@@ -103,7 +108,7 @@ def make_out(
 
 @pytest.fixture
 def hub(monkeypatch: pytest.MonkeyPatch):
-    """A fake Hub on loopback; huggingface_hub's client gets bounded timeouts while it runs."""
+    """A fake Hub on loopback (push_dataset bounds huggingface_hub's timeouts itself)."""
     monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", False)
     for name in (
         "HTTP_PROXY",
@@ -115,17 +120,10 @@ def hub(monkeypatch: pytest.MonkeyPatch):
     ):
         monkeypatch.delenv(name, raising=False)
 
-    def bounded_client() -> httpx2.Client:
-        client = hf_http.default_client_factory()
-        client.timeout = httpx2.Timeout(10.0)  # the library default is no timeout at all
-        return client
-
     server = FakeHub(token=TOKEN).start()
-    hf_http.set_client_factory(bounded_client)
     try:
         yield server
     finally:
-        hf_http.set_client_factory(hf_http.default_client_factory)
         server.stop()
 
 
@@ -260,3 +258,34 @@ def test_token_from_env() -> None:
     for environ in ({}, {"HF_TOKEN": ""}):
         with pytest.raises(OutputError, match="HF_TOKEN"):
             token_from_env(environ)
+
+
+def test_a_hub_that_stops_answering_fails_the_push_in_time(tmp_path: Path) -> None:
+    # A real socket on loopback that accepts and reads but never answers: a stalled network.
+    listener = socket.create_server(("127.0.0.1", 0))
+    held: list[socket.socket] = []
+
+    def accept() -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                held.append(listener.accept()[0])
+
+    threading.Thread(target=accept, daemon=True).start()
+    env = {**os.environ, "HF_TOKEN": TOKEN, "HF_HUB_OFFLINE": "0",
+           "HF_ENDPOINT": f"http://127.0.0.1:{listener.getsockname()[1]}"}  # fmt: skip
+    started = time.monotonic()
+    try:
+        result = subprocess.run(
+            [str(CONSOLE_SCRIPT), "push", str(make_out(tmp_path)), "--repo-id", REPO,
+             "--token-from-env", "--timeout", "1"],
+            capture_output=True, text=True, env=env, timeout=120,
+        )  # fmt: skip
+    finally:
+        listener.close()
+        for connection in held:
+            connection.close()
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0
+    assert "did not answer for 1 s while trying to create the repo" in result.stderr
+    assert TOKEN not in result.stderr
+    assert time.monotonic() - started < 90
