@@ -110,7 +110,7 @@ def model_case(mode, settings, seed_pipes, lora, peak, folder: Path) -> dict:
     case_folder.mkdir()
     plan = build_plan(bench_recipe(settings, mode, lora, case_folder))
     specs = [spec for task in plan.tasks for spec in plan.specs(task)]
-    sources = {row.row: row.image_path for row in plan.cohort.rows} if plan.cohort else {}
+    sources = {row: r.image_path for row, r in plan.cohort.by_row.items()} if plan.cohort else {}
     seed = seed_loop(seed_pipes[mode], specs, sources, settings, case_folder / "seed")
     ours, pipe = synthgen_path(plan, settings, case_folder / "synthgen")
     s = settings

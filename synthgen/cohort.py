@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import pandas as pd
@@ -34,6 +35,10 @@ class CohortRow:
 class Cohort:
     rows: list[CohortRow]
     skipped: list[dict]  # {"row": n, "reason": "..."}
+
+    @cached_property
+    def by_row(self) -> dict[int, CohortRow]:
+        return {row.row: row for row in self.rows}
 
 
 def read_table(path: str, where: str) -> pd.DataFrame:
@@ -114,14 +119,12 @@ def load_cohort(
     return Cohort(rows, skipped)
 
 
-def source_image_loader(
-    rows: dict[int, CohortRow], config: PreprocessConfig
-) -> Callable[[int], Image.Image]:
+def source_image_loader(cohort: Cohort, config: PreprocessConfig) -> Callable[[int], Image.Image]:
     """Load row `n`'s image as the model's square RGB input."""
 
     def load(row: int) -> Image.Image:
         try:
-            image = read_image(rows[row].image_path)
+            image = read_image(cohort.by_row[row].image_path)
         except ImageError as exc:
             raise CohortError(str(exc), where=f"source.manifest row {row}") from None
         return to_model_rgb(preprocess(image, config.size, config.fit))

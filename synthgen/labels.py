@@ -22,6 +22,10 @@ LABEL_KINDS = ("categorical", "uniform", "normal", "constant", "multilabel")
 class _Label(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
+    def prompt_form(self, value: LabelValue) -> object:
+        """The value as a prompt template shows it."""
+        return value
+
 
 class Categorical(_Label):
     dist: Literal["categorical"]
@@ -63,6 +67,15 @@ class _Numeric(_Label):
 
     def _bounds(self) -> tuple[float, float]:
         raise NotImplementedError
+
+    def sampling_bounds(self) -> tuple[float, float]:
+        """The interval the sampler draws from: for integers, half a unit wider on each side,
+        so rounding keeps every bound value in with its proper share of mass."""
+        low, high = self._bounds()
+        if self.dtype == "int":
+            low = math.ceil(low) - 0.5 if math.isfinite(low) else low
+            high = math.floor(high) + 0.5 if math.isfinite(high) else high
+        return low, high
 
     def _check_integer_room(self) -> None:
         low, high = self._bounds()
@@ -120,9 +133,7 @@ class Normal(_Numeric):
         if low > high:
             raise FieldError("min", f"min ({low:g}) is greater than max ({high:g})")
         self._check_integer_room()
-        if self.dtype == "int":  # the mass that rounds into [min, max]
-            low = math.ceil(low) - 0.5 if math.isfinite(low) else low
-            high = math.floor(high) + 0.5 if math.isfinite(high) else high
+        low, high = self.sampling_bounds()  # for integers, the mass that rounds into [min, max]
         dist = NormalDist(self.mean, self.std)
         if dist.cdf(high) - dist.cdf(low) < 1e-9:
             raise FieldError("max", "[min, max] holds no probability mass of this normal")
@@ -135,13 +146,8 @@ class Normal(_Numeric):
 
     def sample(self, rng: np.random.Generator) -> int | float:
         # Exact truncation by inverse CDF: clipping would pile probability mass on the bounds.
-        # For integers, the interval widens by half a unit so rounding keeps every value in bounds
-        # with its proper share of mass.
         dist = NormalDist(self.mean, self.std)
-        low, high = self._bounds()
-        if self.dtype == "int":
-            low = math.ceil(low) - 0.5 if math.isfinite(low) else low
-            high = math.floor(high) + 0.5 if math.isfinite(high) else high
+        low, high = self.sampling_bounds()
         u = float(rng.uniform(dist.cdf(low), dist.cdf(high)))
         x = min(max(dist.inv_cdf(min(max(u, 1e-300), 1 - 1e-16)), low), high)
         if self.dtype == "int":
@@ -203,6 +209,9 @@ class Multilabel(_Label):
 
     def as_text(self, drawn: list[str]) -> str:
         return self.join.join(drawn) if drawn else self.none
+
+    def prompt_form(self, value: LabelValue) -> object:
+        return self.as_text(value)  # type: ignore[arg-type]
 
     def describe(self) -> str:
         rates = ", ".join(f"{v}: {p:.3g}" for v, p in self.values.items())

@@ -41,16 +41,6 @@ class OutDir:
     def read_text(self, relative: str) -> str:
         return self.read_bytes(relative).decode("utf-8")
 
-    def write_bytes(self, relative: str, data: bytes) -> None:
-        target = self.path(relative)
-        if self.is_local:
-            self.fs.makedirs(posixpath.dirname(target), exist_ok=True)
-        with self.fs.open(target, "wb") as handle:
-            handle.write(data)
-
-    def write_text(self, relative: str, text: str) -> None:
-        self.write_bytes(relative, text.encode("utf-8"))
-
     def write_atomic(self, relative: str, data: bytes) -> None:
         """Write under a temporary name, then rename, so a reader never sees half a file."""
         temporary, handle = self.open_temporary(relative)
@@ -104,14 +94,17 @@ class OutDir:
     def run_record(self) -> dict | None:
         return json.loads(self.read_text(RUN_RECORD)) if self.exists(RUN_RECORD) else None
 
+    def committed_names(self) -> set[str]:
+        """Names of the committed shards, from one listing (no record is read)."""
+        return {
+            name.removesuffix(".json") for name in self.listdir(COMMITS) if name.endswith(".json")
+        }
+
     def committed_records(self) -> dict[str, dict]:
-        records = {}
-        for name in self.listdir(COMMITS):
-            if name.endswith(".json"):
-                records[name.removesuffix(".json")] = json.loads(
-                    self.read_text(f"{COMMITS}/{name}")
-                )
-        return records
+        return {
+            name: json.loads(self.read_text(self.commit_path(name)))
+            for name in sorted(self.committed_names())
+        }
 
     def remove_temporaries(self, folders: tuple[str, ...] | None = None) -> int:
         """Delete what killed workers left behind (in `folders` only, if given); returns how

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from synthgen.labels import LabelValue, Multilabel, sample_labels
+from synthgen.labels import LabelValue, sample_labels
 from synthgen.prompts import render_prompt
 from synthgen.recipe import Recipe
 
@@ -111,11 +111,7 @@ def plan_shards(recipe: Recipe, total: int | None = None) -> list[ShardTask]:
 
 def prompt_values(recipe: Recipe, labels: dict[str, LabelValue]) -> dict[str, object]:
     """Labels in the form the prompt shows them: multilabel findings joined, or the none value."""
-    values: dict[str, object] = {}
-    for name, value in labels.items():
-        spec = recipe.labels[name]
-        values[name] = spec.as_text(value) if isinstance(spec, Multilabel) else value
-    return values
+    return {name: recipe.labels[name].prompt_form(value) for name, value in labels.items()}
 
 
 def sample_key(recipe: Recipe, index: int) -> str:
@@ -179,11 +175,10 @@ class Plan:
                 t2i_spec(self.recipe, i, task.split, self.table)
                 for i in range(task.start, task.stop)
             ]
-        rows = {row.row: row for row in self.cohort.rows}
         specs = []
         for index in range(task.start, task.stop):
             sample = self._i2i[index]
-            labels = rows[sample.row].labels
+            labels = self.cohort.by_row[sample.row].labels
             specs.append(
                 SampleSpec(
                     index=index,
@@ -231,7 +226,7 @@ class Plan:
 
     def linkage(self) -> list[dict]:
         """key → source id rows for the separate linkage table (never written into OUT)."""
-        rows = {row.row: row for row in self.cohort.rows}
+        rows = self.cohort.by_row
         return [
             {
                 "key": sample_key(self.recipe, index),

@@ -17,7 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from synthgen.errors import FieldError, RecipeError
-from synthgen.labels import LABEL_KINDS, LabelSpec, Multilabel
+from synthgen.labels import LABEL_KINDS, LabelSpec
 from synthgen.prompts import render_prompt, template_fields
 
 REDACTED = "<redacted: protected path>"
@@ -233,10 +233,7 @@ class Recipe(Strict):
                 )
         # A label's type is fixed by its declaration: one trial fill catches a spec it cannot take.
         rng = np.random.default_rng(0)
-        trial = {}
-        for name, spec in self.labels.items():
-            value = spec.sample(rng)
-            trial[name] = spec.as_text(value) if isinstance(spec, Multilabel) else value
+        trial = {name: spec.prompt_form(spec.sample(rng)) for name, spec in self.labels.items()}
         try:
             render_prompt(self.prompt, trial)
         except (ValueError, TypeError) as exc:

@@ -19,7 +19,7 @@ from synthgen.plan import SampleSpec
 from synthgen.prompt_embeddings import PromptEmbeddings
 from synthgen.recipe import GenerationConfig
 
-SourceLoader = Callable[[SampleSpec], Image.Image]
+SourceLoader = Callable[[int], Image.Image]  # cohort row number -> the model's input image
 Sources = list[Future] | None  # per sample: its source image as a (1, 3, H, W) tensor in [-1, 1]
 log = logging.getLogger("synthgen")
 
@@ -67,7 +67,7 @@ class Renderer:
         return [self.readers.submit(self._source_pixels, spec) for spec in batch]
 
     def _source_pixels(self, spec: SampleSpec) -> torch.Tensor:
-        return self.pipe.image_processor.preprocess(self.load_source(spec))
+        return self.pipe.image_processor.preprocess(self.load_source(spec.source_row))
 
     def _render_batch(self, batch: list[SampleSpec], sources: Sources):
         size = self.batch_size
@@ -106,11 +106,9 @@ class Renderer:
                 output_type="latent",
             )
             if g.mode == "i2i":
-                strengths = {s.strength for s in specs}
-                if len(strengths) != 1:
-                    raise ValueError("an i2i batch must share one strength")
                 pixels = [future.result() for future in sources]
-                kwargs.update(image=self._encode(pixels, generators), strength=strengths.pop())
+                # a batch comes from one shard, and a shard has one strength (plan.py)
+                kwargs.update(image=self._encode(pixels, generators), strength=specs[0].strength)
             else:
                 kwargs.update(height=g.height, width=g.width)
             pixels = self._decode(self.pipe(**kwargs).images)

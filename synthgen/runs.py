@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from synthgen.errors import OutputError
-from synthgen.outdir import COMMITS, RUN_RECORD, OutDir
+from synthgen.outdir import RUN_RECORD, OutDir
 from synthgen.plan import Plan, ShardTask
 from synthgen.recipe import Recipe
 
@@ -119,7 +119,7 @@ def run_state(out: OutDir, tasks: list[ShardTask], verify: bool = False) -> RunS
             done.append(task)
         else:
             if record is not None:
-                out.remove(f"{COMMITS}/{task.name}.json")
+                out.remove(out.commit_path(task.name))
             todo.append(task)
     if todo:
         out.remove("manifest.json")  # a damaged shard: the dataset is not complete any more
@@ -207,7 +207,7 @@ def generate(
             )
     seconds = time.perf_counter() - started
     rendered = sum(t.size for t in todo if t.name in outcome.committed)
-    committed = out.committed_records()
+    committed = out.committed_names()  # other ranks may have committed shards this one did not
     finalized = all(task.name in committed for task in tasks)
     if finalized:
         finalize(out)

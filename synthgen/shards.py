@@ -305,7 +305,7 @@ class ShardWriter:
         schema = self.features.arrow_schema
         files = ShardFiles(self.out, task.name, self.recipe.output.formats, schema)
         stream = ShardStream(files, self._entry, depth=QUEUE_PER_ENCODER * self.encoders)
-        count, strengths = 0, set()
+        count = 0
         try:
             for spec, image in samples:
                 if "." in spec.key:
@@ -316,7 +316,6 @@ class ShardWriter:
                 # libjpeg release the GIL), so the accelerator does not wait for PNG compression.
                 stream.put(spec, self.pool.submit(encode_image, image, self.recipe))
                 count += 1
-                strengths.add(spec.strength)
             started = time.perf_counter()
             digests = stream.finish()
             files.rename()
@@ -330,7 +329,7 @@ class ShardWriter:
             count=count,
             files=digests,
             sizes=files.sizes(),
-            strength=strengths.pop() if len(strengths) == 1 else None,
+            strength=task.strength,
             skipped=skipped or [],
             seconds={**(seconds or {}), "write": time.perf_counter() - started},
         )

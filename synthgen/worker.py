@@ -40,9 +40,7 @@ class Worker:
         self.load_seconds = time.perf_counter() - started
         load_source = None
         if plan.cohort is not None:
-            rows = {row.row: row for row in plan.cohort.rows}
-            load_row = source_image_loader(rows, recipe.source.preprocess)
-            load_source = lambda spec: load_row(spec.source_row)  # noqa: E731
+            load_source = source_image_loader(plan.cohort, recipe.source.preprocess)
         self.renderer = Renderer(pipe, recipe.generation, device, load_source)
         self.compile_seconds = 0.0  # reported once, with the first shard this worker commits
         if recipe.model.compile:

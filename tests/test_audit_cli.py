@@ -73,10 +73,9 @@ def test_synthetic_items_read_each_shard_byte_once_a_row_group_at_a_time(tmp_pat
     out = OutDir(str(tmp_path / "out"))
     shard = io.BytesIO()
     pq.write_table(pa.Table.from_pylist(rows), shard, row_group_size=100)  # groups of 100, 100, 50
-    out.write_bytes("data/0.parquet", shard.getvalue())
-    out.write_text(
-        "manifest.json", json.dumps({"mode": "t2i", "shards": [{"files": ["data/0.parquet"]}]})
-    )
+    out.write_atomic("data/0.parquet", shard.getvalue())
+    manifest = {"mode": "t2i", "shards": [{"files": ["data/0.parquet"]}]}
+    out.write_atomic("manifest.json", json.dumps(manifest).encode())
 
     read = []
     opened = out.fs.open

@@ -433,12 +433,11 @@ def test_failing_shard_is_retried_reported_and_the_rest_kept(tmp_path):
 
     recipe = i2i_recipe(tmp_path)
     plan = build_plan(load_recipe(recipe), check_images=False)
-    rows = {row.row: row for row in plan.cohort.rows}
     failing = plan.tasks[-1]  # the pool hands shards out in plan order: this one goes last
     victim = plan.specs(failing)[0].source_row
     users = {t.name for t in plan.tasks for s in plan.specs(t) if s.source_row == victim}
     assert users == {failing.name}
-    image = rows[victim].image_path
+    image = plan.cohort.by_row[victim].image_path
     kept = tmp_path / "kept-image"
     shutil.copy(image, kept)
 

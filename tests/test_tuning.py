@@ -120,13 +120,12 @@ def test_i2i_batched_encode_and_prefetch_match_diffusers(tmp_path, pipes):
     recipe = recipe_from_dict(i2i_recipe(cohort, tmp_path / "linkage.csv"))
     plan = build_plan(recipe)
     specs = [spec for task in plan.tasks for spec in plan.specs(task)]
-    rows = {row.row: row for row in plan.cohort.rows}
-    load_row = source_image_loader(rows, recipe.source.preprocess)
+    load_row = source_image_loader(plan.cohort, recipe.source.preprocess)
     threads = set()
 
-    def load(spec):
+    def load(row):
         threads.add(threading.current_thread().name)
-        return load_row(spec.source_row)
+        return load_row(row)
 
     renderer = Renderer(pipe, recipe.generation, load_source=load)
     ours = pixels(renderer.render(specs))
