@@ -162,7 +162,7 @@ def run_audit(
         )
 
     entries, found_warnings = [], []
-    reference = _RealReference(real.features, device)
+    reference = _RealReference(real.features, source_unit, device) if distribution else None
     for group in tqdm(groups, desc="scoring groups", unit="group", disable=not progress):
         entry: dict[str, Any] = {
             "mode": group.mode,
@@ -181,7 +181,7 @@ def run_audit(
                 group.rows, source_rows, sources, label_heads, fake.predictions, real.predictions
             )
         if distribution:
-            entry["distribution"] = _distribution(reference, fake.features, group.rows)
+            entry["distribution"] = _distribution(reference, fake.features, synth_unit, group.rows)
         entries.append(entry)
     for message in found_warnings:
         warnings.warn(message, ChanceLevelWarning, stacklevel=2)
@@ -310,13 +310,9 @@ def _label_utility(
 class _RealReference:
     """The real side of the distribution metrics, shared by every group: computed once."""
 
-    def __init__(self, features: torch.Tensor, device: str):
+    def __init__(self, features: torch.Tensor, unit: torch.Tensor, device: str):
         self.features, self.device = features, device
-        rows = np.arange(len(features))
-        if len(rows) > DISTRIBUTION_MAX:
-            rng = np.random.default_rng(0)
-            rows = np.sort(rng.choice(rows, DISTRIBUTION_MAX, replace=False))
-        self.unit = normalise(features[rows])
+        self.unit = unit[_at_most(np.arange(len(features)), DISTRIBUTION_MAX)]
         self._radii: dict[int, np.ndarray] = {}
 
     def radii(self, k: int) -> np.ndarray:
@@ -325,17 +321,24 @@ class _RealReference:
         return self._radii[k]
 
 
-def _distribution(reference: _RealReference, fake: torch.Tensor, rows: np.ndarray) -> dict:
+def _at_most(rows: np.ndarray, limit: int) -> np.ndarray:
+    """`rows`, or a fixed random `limit` of them in order (the same subset on every run)."""
+    if len(rows) <= limit:
+        return rows
+    return np.sort(np.random.default_rng(0).choice(rows, limit, replace=False))
+
+
+def _distribution(
+    reference: _RealReference, fake: torch.Tensor, fake_unit: torch.Tensor, rows: np.ndarray
+) -> dict:
     fid, kid, reason = fid_kid(reference.features, fake[rows])
     if reason:
         return {"computed": False, "reason": reason}
-    if len(rows) > DISTRIBUTION_MAX:
-        rng = np.random.default_rng(0)
-        rows = np.sort(rng.choice(rows, DISTRIBUTION_MAX, replace=False))
+    rows = _at_most(rows, DISTRIBUTION_MAX)
     k = min(5, len(reference.unit) - 1, len(rows) - 1)
     scores = prdc(
         reference.unit,
-        normalise(fake[rows]),
+        fake_unit[rows],
         k=k,
         device=reference.device,
         real_kth=reference.radii(k),

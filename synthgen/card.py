@@ -338,7 +338,8 @@ def finalize(out: OutDir) -> dict:
     # Shard leftovers only: another rank may be finalizing too, with its own README tmp file.
     out.remove_temporaries(("webdataset/", "parquet/", COMMITS + "/"))
     frame = read_label_frame(out, recipe, manifest["shards"])
-    previews = write_previews(out, recipe, frame)  # sampled from committed shards: no rendering
+    # sampled from the committed shards: no rendering, and no second read of the commit records
+    previews = write_previews(out, recipe, frame, records=manifest["shards"])
     out.write_atomic("README.md", render_card(out, recipe, manifest, frame, previews).encode())
     out.write_atomic("manifest.json", json.dumps(manifest, indent=2).encode())
     if "webdataset" in recipe.output.formats:

@@ -164,12 +164,24 @@ def _tar_samples(
         yield keys[position], image, json.loads(parts["json"])["labels"]
 
 
-def sample_committed(out: OutDir, recipe: Recipe, n: int = 16, seed: int = 0) -> list[Item]:
-    """`n` committed samples, chosen by `seed` alone, each with its caption, in index order."""
-    committed = out.committed_records()
+def committed_in_plan_order(out: OutDir) -> list[dict]:
     run = out.run_record()
-    order = [ShardTask(**task).name for task in run["tasks"]] if run else sorted(committed)
-    records = [committed[name] for name in order if name in committed]
+    if run is None:  # nothing was ever generated here
+        return []
+    committed = out.committed_records()
+    names = [ShardTask(**task).name for task in run["tasks"]]
+    return [committed[name] for name in names if name in committed]
+
+
+def sample_committed(
+    out: OutDir, recipe: Recipe, n: int = 16, seed: int = 0, records: list[dict] | None = None
+) -> list[Item]:
+    """`n` committed samples, chosen by `seed` alone, each with its caption, in index order.
+
+    `records`: the committed shards in plan order, when the caller has them (the manifest's).
+    """
+    if records is None:
+        records = committed_in_plan_order(out)
     total = sum(record["count"] for record in records)
     if total == 0:
         raise OutputError("no committed samples to preview; run `synthgen generate`", file=out.url)
@@ -222,10 +234,7 @@ def render_first(recipe: Recipe, n: int = 8, device: str | None = None) -> list[
     pipe, _ = load_pipeline(recipe.model, mode=recipe.generation.mode, device=device)
     load_source = None
     if plan.cohort is not None:
-        load_row = source_image_loader(
-            {row.row: row for row in plan.cohort.rows}, recipe.source.preprocess
-        )
-        load_source = lambda spec: load_row(spec.source_row)  # noqa: E731
+        load_source = source_image_loader(plan.cohort, recipe.source.preprocess)
     # Each sample has its own generator, so a smaller batch renders the same pixels, faster.
     generation = recipe.generation.model_copy(
         update={"batch_size": max(1, min(n, recipe.generation.batch_size))}
@@ -293,10 +302,7 @@ def _multilabel(ax, spec: Multilabel, column: pd.Series) -> None:
 
 def _asked_density(spec: Normal | Uniform, x: np.ndarray) -> np.ndarray:
     """The density the sampler draws from (ints: the continuous law before rounding)."""
-    low, high = spec._bounds()
-    if spec.dtype == "int":  # the sampler widens by half a unit, then rounds
-        low = math.ceil(low) - 0.5 if math.isfinite(low) else low
-        high = math.floor(high) + 0.5 if math.isfinite(high) else high
+    low, high = spec.sampling_bounds()  # ints: half a unit wider, then rounded
     inside = (x >= low) & (x <= high)
     if isinstance(spec, Uniform):
         return np.where(inside, 1.0 / (high - low), 0.0) if high > low else np.zeros_like(x)
@@ -369,10 +375,15 @@ def label_plots(recipe: Recipe, frame: pd.DataFrame, folder: Path | str | OutDir
 
 
 def write_previews(
-    out: OutDir, recipe: Recipe, frame: pd.DataFrame, n: int = 16, seed: int = 0
+    out: OutDir,
+    recipe: Recipe,
+    frame: pd.DataFrame,
+    n: int = 16,
+    seed: int = 0,
+    records: list[dict] | None = None,
 ) -> list[str]:
     """`previews/preview.png` from committed shards and the label plots; paths relative to OUT."""
-    sheet = contact_sheet(sample_committed(out, recipe, n, seed))
+    sheet = contact_sheet(sample_committed(out, recipe, n, seed, records))
     out.write_atomic(f"{PREVIEWS}/{SHEET_NAME}", png_bytes(sheet))
     plots = label_plots(recipe, frame, OutDir(out.url.rstrip("/") + f"/{PREVIEWS}"))
     return [f"{PREVIEWS}/{SHEET_NAME}", *(f"{PREVIEWS}/{name}" for name in plots)]
