@@ -25,11 +25,12 @@ $(VENV)/.installed: $(VENV)/.core
 	$(BIN)/pip install -q --disable-pip-version-check -e ".[test]"
 	touch $@
 
-demo: $(VENV)/.core
-	$(BIN)/synthgen generate recipes/demo.yaml -o data/demo
+demo: data/demo
 
-demo-i2i: $(VENV)/.core data/demo-cohort/manifest.csv
-	$(BIN)/synthgen generate recipes/demo-i2i.yaml -o data/demo-i2i
+demo-i2i: data/demo-i2i
+
+# The i2i demo's cohort is written by synthgen itself (fake patients, no real data).
+data/demo-i2i: data/demo-cohort/manifest.csv
 
 data/demo-cohort/manifest.csv: | $(VENV)/.core
 	$(BIN)/python -m synthgen.democohort data/demo-cohort 16
@@ -61,7 +62,7 @@ FORCE:
 # Benchmarks, not tests: the seed-style loop vs synthgen's path, and PNG encoding speed; results
 # go to BENCHMARKS.md. BENCH_ARGS="--check" adds the pixel comparison (benchmarks/README.md).
 BENCH_ARGS ?=
-bench: install
+bench: $(VENV)/.core
 	$(BIN)/python benchmarks/bench.py --device cpu $(BENCH_ARGS)
 
 # CUDA, sd14-random + rank-64 LoRA. On a machine without the venv: its python3 and torch plus
@@ -72,7 +73,7 @@ bench-gpu:
 test-gpu:
 	bash benchmarks/run-gpu.sh tests $(PYTEST_ARGS)
 
-bench-wheels: install
+bench-wheels: $(VENV)/.core
 	$(BIN)/python benchmarks/gpu_wheels.py .whl
 
 clean:
