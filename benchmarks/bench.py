@@ -15,6 +15,7 @@ import json
 import os
 import sys
 import tempfile
+from dataclasses import asdict, fields
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # synthgen, when not pip-installed
@@ -116,17 +117,9 @@ def model_case(mode, settings, seed_pipes, lora, peak, folder: Path) -> dict:
     s = settings
     result = {
         "case": mode,
-        "device": s.device,
-        "model": s.model,
+        **asdict(s),
         "dtype": str(s.torch_dtype).removeprefix("torch."),
-        "size": s.size,
-        "steps": s.steps,
-        "guidance_scale": s.guidance_scale,
         "strength": s.strength if mode == "i2i" else None,
-        "count": s.count,
-        "batch_size": s.batch_size,
-        "lora_rank": s.lora_rank,
-        "compile": s.compile,
         "seed_loop": seed.summary(),
         "synthgen": ours.summary(),
     }
@@ -134,8 +127,10 @@ def model_case(mode, settings, seed_pipes, lora, peak, folder: Path) -> dict:
     result["speedup_cpu_time"] = round(seed.cpu / seed.images / (ours.cpu / ours.images), 3)
     if peak:
         # Model FLOPs only: the seed's unfused LoRA matmuls are overhead, not model work.
+        # Every UNet operation is per sample: count one sample's, scale by the batch.
+        per_sample = unet_flops(pipe, 1, s.size)
         for name, timing in (("seed_loop", seed), ("synthgen", ours)):
-            flops = unet_flops(pipe, timing.unet_batch, s.size)
+            flops = per_sample * timing.unet_batch
             achieved = flops * timing.unet_forwards / timing.seconds["unet_loop"]
             result[name].update(
                 unet_gflop_per_forward=round(flops / 1e9, 3),
@@ -158,20 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     from synthgen.models import quiet_libraries
 
     quiet_libraries()
-    settings = Settings(
-        device=args.device,
-        model=args.model,
-        dtype=args.dtype,
-        size=args.size,
-        steps=args.steps,
-        guidance_scale=args.guidance_scale,
-        strength=args.strength,
-        count=args.count,
-        batch_size=args.batch_size,
-        lora_rank=args.lora_rank,
-        check=args.check,
-        compile=args.compile,
-    )
+    settings = Settings(**{f.name: getattr(args, f.name) for f in fields(Settings)})
     env = environment(args.device)
     print(json.dumps({"environment": env}), file=sys.stderr)
     cases = [case.strip() for case in args.cases.split(",") if case.strip()]

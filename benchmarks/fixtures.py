@@ -1,8 +1,8 @@
 """What both contenders run on: a random LoRA file, a photo-like cohort, the recipe, the seed pipes.
 
 The seed-style pipelines are built the way the SynthMed model card's Quick Start builds them
-(DDIM, safety checker off, `load_lora_weights` left unfused); synthgen builds its own from the
-recipe through `load_pipeline`, as a real run does.
+(DDIM, safety checker off, `load_lora_weights` left unfused), through synthgen's loader without
+the worker's tuning; synthgen builds its own from the recipe in a `Worker`, as a real run does.
 """
 
 from __future__ import annotations
@@ -133,27 +133,18 @@ def bench_recipe(settings: Settings, mode: str, lora: Path | None, folder: Path)
 
 def seed_pipelines(settings: Settings, folder: Path) -> tuple[dict, Path | None]:
     """The model card's pipelines for t2i and i2i (one set of weights), and the LoRA file."""
-    from diffusers import DDIMScheduler, StableDiffusionImg2ImgPipeline, StableDiffusionPipeline
+    from diffusers import StableDiffusionImg2ImgPipeline
 
-    from synthgen.models import _preset_components
-    from synthgen.recipe import PRESETS
+    from synthgen.models import load_pipeline
+    from synthgen.recipe import ModelConfig
 
-    dtype = settings.torch_dtype
-    if settings.model in PRESETS:
-        pipe = StableDiffusionPipeline(
-            **_preset_components(settings.model), requires_safety_checker=False
-        ).to(dtype=dtype)
-    else:
-        pipe = StableDiffusionPipeline.from_pretrained(
-            settings.model, torch_dtype=dtype, safety_checker=None
-        )
-    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    # synthgen's loader without its worker tuning: diffusers' own DDIM, the safety checker off
+    base = ModelConfig(base=settings.model, scheduler="ddim", dtype=settings.dtype)
+    pipe, _ = load_pipeline(base, device=settings.device)
     lora = None
     if settings.lora_rank:
         lora = write_lora(pipe.unet, settings.lora_rank, folder / "lora.safetensors")
-        pipe.load_lora_weights(str(lora))
-    pipe = pipe.to(settings.device)
-    pipe.set_progress_bar_config(disable=True)
+        pipe.load_lora_weights(str(lora))  # left unfused, as the Quick Start leaves it
     i2i = StableDiffusionImg2ImgPipeline(**pipe.components, requires_safety_checker=False)
     i2i.set_progress_bar_config(disable=True)
     return {"t2i": pipe, "i2i": i2i}, lora

@@ -16,17 +16,6 @@ import torch
 from timing import COMPONENTS
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = (
-    "torch",
-    "diffusers",
-    "transformers",
-    "peft",
-    "pillow",
-    "numpy",
-    "pyarrow",
-    "webdataset",
-    "datasets",
-)
 SPLIT = (*COMPONENTS, "other", "total")
 # CPU seconds per image come from the whole process (every thread), beside the wall-clock split.
 
@@ -42,22 +31,12 @@ def _cpu_name() -> str:
 
 
 def _git_revision() -> str:
+    """The commit, with `+changes` when tracked files differ from it."""
     try:
-        head = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            cwd=ROOT,
-            text=True,
-            capture_output=True,
-            check=True,
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=ROOT,
-            text=True,
-            capture_output=True,
-            check=True,
-        ).stdout.strip()
-        return head + ("+changes" if dirty else "")
+        return subprocess.run(
+            ["git", "describe", "--always", "--dirty=+changes", "--exclude=*"],
+            cwd=ROOT, text=True, capture_output=True, check=True,
+        ).stdout.strip()  # fmt: skip
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
 
@@ -65,12 +44,10 @@ def _git_revision() -> str:
 def environment(device: str) -> dict:
     from PIL import features
 
-    versions = {"python": platform.python_version()}
-    for name in PACKAGES:
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            versions[name] = "absent"
+    from synthgen.card import library_versions  # what the manifest records, plus image codecs
+
+    versions = {"python": platform.python_version(), **library_versions()}
+    versions.update(pillow=metadata.version("pillow"), numpy=metadata.version("numpy"))
     versions["zlib (PIL)"] = features.version("zlib") or "?"
     versions["zlib (python)"] = zlib.ZLIB_VERSION
     env = {
