@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -23,6 +24,8 @@ from synthgen.prompts import render_prompt, template_fields
 REDACTED = "<redacted: protected path>"
 PRESETS = ("tiny", "sd14-random")  # built-in models, made offline in synthgen.models
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+# (section, field) of every path to real patients' data: made absolute on load, redacted in OUT.
+PROTECTED_PATHS = (("source", "manifest"), ("privacy", "linkage"), ("labels_from", "table"))
 
 
 def looks_local(path: str) -> bool:
@@ -249,16 +252,18 @@ class Recipe(Strict):
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json", exclude_none=True), sort_keys=False)
 
+    def _map_protected_paths(self, change: Callable[[str], str]) -> dict[str, Any]:
+        """`change` applied to every path that points at real patients' data."""
+        changes: dict[str, Any] = {}
+        for section, field in PROTECTED_PATHS:
+            config = getattr(self, section)
+            if config is not None:
+                changes[section] = config.model_copy(update={field: change(getattr(config, field))})
+        return changes
+
     def shareable(self) -> Recipe:
         """The recipe as written into OUT: cohort and linkage paths are protected information."""
-        changes: dict[str, Any] = {}
-        if self.source is not None:
-            changes["source"] = self.source.model_copy(update={"manifest": REDACTED})
-        if self.privacy is not None:
-            changes["privacy"] = self.privacy.model_copy(update={"linkage": REDACTED})
-        if self.labels_from is not None:
-            changes["labels_from"] = self.labels_from.model_copy(update={"table": REDACTED})
-        return self.model_copy(update=changes)
+        return self.model_copy(update=self._map_protected_paths(lambda _: REDACTED))
 
     def resolve_paths(self, base: Path) -> Recipe:
         """Make local model, LoRA, cohort and linkage paths absolute, from the recipe's folder."""
@@ -266,7 +271,7 @@ class Recipe(Strict):
         def absolute(value: str) -> str:
             return value if "://" in value else str((base / Path(value).expanduser()).resolve())
 
-        changes: dict[str, Any] = {}
+        changes = self._map_protected_paths(absolute)
         model = self.model
         if model.base not in PRESETS and looks_local(model.base):
             model = model.model_copy(update={"base": absolute(model.base)})
@@ -275,18 +280,6 @@ class Recipe(Strict):
                 update={"lora": model.lora.model_copy(update={"path": absolute(model.lora.path)})}
             )
         changes["model"] = model
-        if self.source is not None:
-            changes["source"] = self.source.model_copy(
-                update={"manifest": absolute(self.source.manifest)}
-            )
-        if self.privacy is not None:
-            changes["privacy"] = self.privacy.model_copy(
-                update={"linkage": absolute(self.privacy.linkage)}
-            )
-        if self.labels_from is not None:
-            changes["labels_from"] = self.labels_from.model_copy(
-                update={"table": absolute(self.labels_from.table)}
-            )
         return self.model_copy(update=changes)
 
 
