@@ -303,7 +303,7 @@ def preview(source: str, output: Path, count: int | None, seed: int, columns: in
 def push(out: Path, repo_id: str, private: bool, revision: str | None, token_from_env: bool,
          dry_run: bool, timeout: float) -> None:  # fmt: skip
     """Upload a complete OUT to the Hugging Face Hub as a dataset repo."""
-    from synthgen.hub import files_to_upload, push_dataset
+    from synthgen.hub import bound_hub_timeouts, files_to_upload, push_dataset
     from synthgen.hub import token_from_env as env_token
 
     if dry_run:
@@ -311,9 +311,8 @@ def push(out: Path, repo_id: str, private: bool, revision: str | None, token_fro
             click.echo(path)
         return
     token = env_token() if token_from_env else None
-    url = push_dataset(
-        out, repo_id, private=private, revision=revision, token=token, timeout=timeout
-    )
+    bound_hub_timeouts(timeout)
+    url = push_dataset(out, repo_id, private=private, revision=revision, token=token)
     click.echo(f"pushed {out} to {url}")
 
 

@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import httpx2
-from huggingface_hub import HfApi
+from huggingface_hub import HfApi, set_client_factory
 from huggingface_hub.errors import HfHubHTTPError, HFValidationError
 from huggingface_hub.utils import _http as hf_http
 from huggingface_hub.utils import filter_repo_objects, validate_repo_id
@@ -145,13 +145,19 @@ def _hub_refused(err: HfHubHTTPError, repo_id: str, step: str) -> OutputError:
     return OutputError(f"the Hub refused to {step} ({reason}){hint}", where=repo_id)
 
 
-def _bounded_client(seconds: float):
+def bound_hub_timeouts(seconds: float = HUB_TIMEOUT_S) -> None:
+    """Give huggingface_hub's process-wide HTTP client a stall timeout.
+
+    The client is shared by everything in the process that talks to the Hub, so this belongs to
+    whoever owns the process (the `synthgen push` command), not to `push_dataset`.
+    """
+
     def factory() -> httpx2.Client:
-        client = hf_http.default_client_factory()
+        client = hf_http.default_client_factory()  # keeps the library's request hooks
         client.timeout = httpx2.Timeout(seconds)
         return client
 
-    return factory
+    set_client_factory(factory)
 
 
 def push_dataset(
@@ -162,7 +168,6 @@ def push_dataset(
     revision: str | None = None,
     token: str | None = None,
     endpoint: str | None = None,
-    timeout: float = HUB_TIMEOUT_S,
 ) -> str:
     """Create the dataset repo if needed and upload OUT's publishable files; returns the repo URL.
 
@@ -172,7 +177,6 @@ def push_dataset(
     out = Path(out)
     _check_repo_id(repo_id)
     files = files_to_upload(out)
-    hf_http.set_client_factory(_bounded_client(timeout))
     api = HfApi(endpoint=endpoint, token=token)
     step = "create the repo"
     try:
@@ -205,11 +209,10 @@ def push_dataset(
     except HfHubHTTPError as err:
         raise _hub_refused(err, repo_id, step) from err
     except httpx2.TimeoutException as err:
+        waited = hf_http.get_session().timeout.read
         raise OutputError(
-            f"the Hub did not answer for {timeout:g} s while trying to {step}; check the network "
+            f"the Hub did not answer for {waited:g} s while trying to {step}; check the network "
             "(or HF_ENDPOINT) and push again: files already on the Hub are not sent twice",
             where=repo_id,
         ) from err
-    finally:
-        hf_http.set_client_factory(hf_http.default_client_factory)
     return str(repo_url)

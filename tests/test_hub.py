@@ -19,10 +19,11 @@ import pytest
 from conftest import CONSOLE_SCRIPT
 from hub_server import FakeHub  # tests/ is on sys.path: pytest's default rootdir-less import
 from huggingface_hub import constants as hf_constants
+from huggingface_hub.utils import _http as hf_http
 from PIL import Image
 
 from synthgen.errors import OutputError
-from synthgen.hub import files_to_upload, push_dataset, token_from_env
+from synthgen.hub import bound_hub_timeouts, files_to_upload, push_dataset, token_from_env
 
 REPO = "synthmed/retina-demo"
 TOKEN = "hf_fake_write_token"
@@ -108,7 +109,7 @@ def make_out(
 
 @pytest.fixture
 def hub(monkeypatch: pytest.MonkeyPatch):
-    """A fake Hub on loopback (push_dataset bounds huggingface_hub's timeouts itself)."""
+    """A fake Hub on loopback; huggingface_hub's client gets bounded timeouts while it runs."""
     monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", False)
     for name in (
         "HTTP_PROXY",
@@ -121,9 +122,11 @@ def hub(monkeypatch: pytest.MonkeyPatch):
         monkeypatch.delenv(name, raising=False)
 
     server = FakeHub(token=TOKEN).start()
+    bound_hub_timeouts(10.0)  # what `synthgen push` does; the library default is no timeout
     try:
         yield server
     finally:
+        hf_http.set_client_factory(hf_http.default_client_factory)
         server.stop()
 
 
