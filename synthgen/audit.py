@@ -24,7 +24,15 @@ from synthgen import audit_report
 from synthgen.audit_items import SourceItem, SyntheticItem, validate_inputs
 from synthgen.audit_stream import PairFidelity, embed_stream
 from synthgen.embedders import AuditError, load_embedder
-from synthgen.fidelity import LabelHead, LpipsScorer, fid_kid, label_agreement, prdc, real_radii
+from synthgen.fidelity import (
+    LabelHead,
+    LpipsScorer,
+    RealFeatures,
+    fid_kid,
+    label_agreement,
+    prdc,
+    real_radii,
+)
 from synthgen.memorisation import check_memorisation
 from synthgen.reid import RankResult, mean_estimate, normalise, rank_sources, summarise_level
 
@@ -311,7 +319,7 @@ class _RealReference:
     """The real side of the distribution metrics, shared by every group: computed once."""
 
     def __init__(self, features: torch.Tensor, unit: torch.Tensor, device: str):
-        self.features, self.device = features, device
+        self.real, self.device = RealFeatures(features), device
         self.unit = unit[_at_most(np.arange(len(features)), DISTRIBUTION_MAX)]
         self._radii: dict[int, np.ndarray] = {}
 
@@ -331,7 +339,7 @@ def _at_most(rows: np.ndarray, limit: int) -> np.ndarray:
 def _distribution(
     reference: _RealReference, fake: torch.Tensor, fake_unit: torch.Tensor, rows: np.ndarray
 ) -> dict:
-    fid, kid, reason = fid_kid(reference.features, fake[rows])
+    fid, kid, reason = fid_kid(reference.real, fake[rows])
     if reason:
         return {"computed": False, "reason": reason}
     rows = _at_most(rows, DISTRIBUTION_MAX)

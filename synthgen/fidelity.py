@@ -142,35 +142,48 @@ class LpipsScorer:
         return out
 
 
+class RealFeatures:
+    """The real side of FID, accumulated once and shared by every group an audit scores.
+
+    The features were made by the audit's embedder once; a pass-through feature module hands them
+    to torchmetrics, so no image is embedded twice.
+    """
+
+    def __init__(self, features: torch.Tensor):
+        from torchmetrics.image.fid import FrechetInceptionDistance
+
+        self.features = features
+        self.fid = FrechetInceptionDistance(
+            feature=_PrecomputedFeatures(features.shape[1]), reset_real_features=False
+        )
+        self.fid.update(features.double(), real=True)
+
+
 def fid_kid(
-    real: torch.Tensor, fake: torch.Tensor, seed: int = 0
+    real: RealFeatures, fake: torch.Tensor, seed: int = 0
 ) -> tuple[Estimate | None, Estimate | None, str | None]:
     """FID and KID of fake against real features through torchmetrics.
 
-    The features were made by the audit's embedder once; a pass-through feature module hands them
-    to torchmetrics, so no image is embedded twice. Returns (fid, kid, reason-if-not-computed).
+    Returns (fid, kid, reason-if-not-computed).
     """
-    from torchmetrics.image.fid import FrechetInceptionDistance
     from torchmetrics.image.kid import KernelInceptionDistance
 
-    if real.shape[0] < 2 or fake.shape[0] < 2:
+    if real.features.shape[0] < 2 or fake.shape[0] < 2:
         return None, None, "FID and KID need at least 2 real and 2 synthetic images"
-    features = _PrecomputedFeatures(real.shape[1])
-    fid = FrechetInceptionDistance(feature=features, reset_real_features=False)
-    fid.update(real.double(), real=True)
-    fid.update(fake.double(), real=False)
-    fid_value = float(fid.compute())
-    subset = min(1000, real.shape[0], fake.shape[0])
+    real.fid.reset()  # the synthetic side only: reset_real_features=False keeps the real one
+    real.fid.update(fake.double(), real=False)
+    fid_value = float(real.fid.compute())
+    subset = min(1000, real.features.shape[0], fake.shape[0])
     torch.manual_seed(seed)
     with warnings.catch_warnings():  # it warns that it keeps all features: so do we, by design
         warnings.simplefilter("ignore", UserWarning)
         kid = KernelInceptionDistance(
-            feature=_PrecomputedFeatures(real.shape[1]), subsets=KID_SUBSETS, subset_size=subset
+            feature=_PrecomputedFeatures(fake.shape[1]), subsets=KID_SUBSETS, subset_size=subset
         )
-    kid.update(real, real=True)
+    kid.update(real.features, real=True)
     kid.update(fake, real=False)
     kid_mean, kid_std = (float(v) for v in kid.compute())
-    note = f"features: the audit embedder; n_real={real.shape[0]}, n_fake={fake.shape[0]}"
+    note = f"features: the audit embedder; n_real={real.features.shape[0]}, n_fake={fake.shape[0]}"
     return (
         Estimate(fid_value, (math.nan, math.nan), fake.shape[0], "lower is closer", note),
         Estimate(
