@@ -292,3 +292,19 @@ def test_a_hub_that_stops_answering_fails_the_push_in_time(tmp_path: Path) -> No
     assert "did not answer for 1 s while trying to create the repo" in result.stderr
     assert TOKEN not in result.stderr
     assert time.monotonic() - started < 90
+
+
+def test_every_name_synthgen_writes_is_on_the_allow_list() -> None:
+    # The allow-list spells out plan.py's shard names and data.py's wids index name: if either
+    # format changes, push must not silently leave those files behind.
+    from synthgen.data import WIDS_INDEX
+    from synthgen.hub import ALLOWED_IN_FOLDER
+    from synthgen.plan import ShardTask
+
+    tasks = [ShardTask("train", 0, 0, 1), ShardTask("validation", 12, 0, 1)]
+    tasks += [ShardTask("test", 3, 0, 1, strength) for strength in (0.05, 0.5, 1.0)]
+    for task in tasks:
+        assert ALLOWED_IN_FOLDER["webdataset"].fullmatch(f"{task.name}.tar"), task.name
+        assert ALLOWED_IN_FOLDER["parquet"].fullmatch(f"{task.name}.parquet"), task.name
+    folder, name = WIDS_INDEX.format(split="train").split("/")
+    assert ALLOWED_IN_FOLDER[folder].fullmatch(name)
