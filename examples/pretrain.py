@@ -20,7 +20,6 @@ from torch.utils.data import DataLoader
 from synthgen.data import (
     label_encoder,
     parquet_dataset,
-    read_manifest,
     webdataset_loader,
     wids_dataset,
 )
@@ -85,7 +84,7 @@ def main() -> None:
     args = parser.parse_args()
 
     torch.manual_seed(args.seed)
-    manifest = read_manifest(OutDir(args.out))
+    manifest = OutDir(args.out).manifest()
     sizes = label_encoder(manifest).sizes()
     kinds = {name: manifest["labels"][name]["kind"] for name in sizes}
     heads = {name: sizes[name] for name in sizes if kinds[name] != "numeric"}

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 from functools import lru_cache
 from pathlib import Path
 from typing import IO
@@ -36,11 +35,7 @@ def read_linkage(path: str) -> dict[str, str]:
 
 def synthetic_items(out: OutDir, linkage: dict[str, str] | None) -> list[SyntheticItem]:
     """Every committed sample of OUT (from its Parquet shards), linked to its source for i2i."""
-    if not out.exists("manifest.json"):
-        raise AuditError(
-            "has no manifest.json: finish the run (or `synthgen finalize`) first", file=out.url
-        )
-    manifest = json.loads(out.read_text("manifest.json"))
+    manifest = out.manifest()
     paths = [p for shard in manifest["shards"] for p in shard["files"] if p.endswith(".parquet")]
     if not paths:
         raise AuditError("has no Parquet shards to audit", file=out.url)

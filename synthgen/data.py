@@ -88,16 +88,6 @@ def label_encoder(manifest: dict) -> LabelEncoder:
 # --- the manifest and its shards ----------------------------------------------------------------
 
 
-def read_manifest(out: OutDir) -> dict:
-    if not out.exists("manifest.json"):
-        raise OutputError(
-            "no manifest.json: the run is not finished; run `synthgen generate` again or "
-            "`synthgen finalize OUT`",
-            file=out.url,
-        )
-    return json.loads(out.read_text("manifest.json"))
-
-
 @dataclass(frozen=True)
 class ShardFile:
     path: str  # relative to OUT
@@ -202,7 +192,7 @@ def webdataset_loader(
     `persistent_workers=True` (or a new `seed` per epoch) for a new order each epoch.
     """
     outdir = OutDir(out)
-    manifest = read_manifest(outdir)
+    manifest = outdir.manifest()
     paths = [f.path for f in shard_files(manifest, split, "webdataset", strength)]
     encode = label_encoder(manifest) if targets else None
     stages: list = [wds.SimpleShardList(paths)]
@@ -301,7 +291,7 @@ def wids_dataset(
     shard by shard. Remote shards are downloaded to `cache_dir` on first use.
     """
     outdir = OutDir(out)
-    manifest = read_manifest(outdir)
+    manifest = outdir.manifest()
     files = shard_files(manifest, split, "webdataset", strength)
     cache = cache_dir or os.path.join(tempfile.gettempdir(), "synthgen-wids")
     encode = label_encoder(manifest) if targets else None
@@ -354,7 +344,7 @@ def parquet_dataset(
     `strength` picks one strength of an i2i sweep, like the card's `strength-X` configs.
     """
     outdir = OutDir(out)
-    manifest = read_manifest(outdir)
+    manifest = outdir.manifest()
     urls = [full_url(outdir, f.path) for f in shard_files(manifest, split, "parquet", strength)]
     table = datasets.load_dataset("parquet", data_files={split: urls}, split=split)
     table = table.cast_column("image", datasets.Image(decode=False))

@@ -7,7 +7,6 @@ an allow-list: bookkeeping, temporary files and anything else in OUT stay local.
 from __future__ import annotations
 
 import glob
-import json
 import os
 import re
 from collections.abc import Mapping
@@ -20,6 +19,7 @@ from huggingface_hub.utils import _http as hf_http
 from huggingface_hub.utils import filter_repo_objects, validate_repo_id
 
 from synthgen.errors import OutputError
+from synthgen.outdir import OutDir
 
 # Files at the top of OUT that every push sends; they must exist.
 REQUIRED_FILES = ("README.md", "recipe.yaml", "manifest.json")
@@ -59,16 +59,7 @@ def token_from_env(environ: Mapping[str, str] | None = None) -> str:
 def read_manifest(out: Path) -> dict:
     """OUT/manifest.json if the run completed; an incomplete OUT is refused."""
     path = out / "manifest.json"
-    if not path.is_file():
-        raise OutputError(
-            "no manifest.json: the run has not finished; run `synthgen generate` (it resumes) "
-            "or `synthgen finalize` first",
-            file=str(path),
-        )
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise OutputError(f"unreadable manifest ({err})", file=str(path)) from err
+    manifest = OutDir(str(out)).manifest()
     if not isinstance(manifest, dict) or manifest.get("complete") is not True:
         raise OutputError(
             "the run is incomplete (complete is not true); finish it with `synthgen generate` "

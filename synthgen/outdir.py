@@ -14,6 +14,8 @@ from typing import IO
 
 import fsspec
 
+from synthgen.errors import OutputError
+
 COMMITS = ".synthgen/commits"
 RUN_RECORD = ".synthgen/run.json"  # recipe sha256, the shard list, skipped cohort rows
 
@@ -90,6 +92,19 @@ class OutDir:
         prefix = self.root.rstrip("/") + "/"
         listing = self.fs.find(self.root, detail=True)
         return {path.removeprefix(prefix): info["size"] for path, info in listing.items()}
+
+    def manifest(self) -> dict:
+        """manifest.json, which exists once every shard is committed (finalize writes it)."""
+        if not self.exists("manifest.json"):
+            raise OutputError(
+                "no manifest.json: the run is not finished; run `synthgen generate` again or "
+                "`synthgen finalize OUT`",
+                file=self.url,
+            )
+        try:
+            return json.loads(self.read_text("manifest.json"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise OutputError(f"manifest.json is unreadable ({err})", file=self.url) from None
 
     def run_record(self) -> dict | None:
         return json.loads(self.read_text(RUN_RECORD)) if self.exists(RUN_RECORD) else None

@@ -27,7 +27,6 @@ from synthgen.card import finalize
 from synthgen.data import (
     label_encoder,
     parquet_dataset,
-    read_manifest,
     webdataset_loader,
     wids_dataset,
     write_wids_index,
@@ -50,7 +49,7 @@ def pixels(data: bytes) -> torch.Tensor:
 def reference(out: Path, config: str = "default") -> dict[str, dict[str, tuple[bytes, dict]]]:
     """split → key → (image bytes, labels as in the tars), read by plain `load_dataset` on OUT."""
     loaded = datasets.load_dataset(str(out), config)
-    manifest = read_manifest(OutDir(str(out)))
+    manifest = OutDir(str(out)).manifest()
     result = {}
     for split, rows in loaded.items():
         rows = rows.cast_column("image", datasets.Image(decode=False))
@@ -76,7 +75,7 @@ def loaders(out: str, split: str, cache: Path, **options) -> dict[str, list[dict
 
 def assert_same_samples(out: str, expected: dict[str, tuple[bytes, dict]], split: str,
                         cache: Path, strength: float | None = None) -> None:  # fmt: skip
-    manifest = read_manifest(OutDir(out))
+    manifest = OutDir(out).manifest()
     encode = label_encoder(manifest)
     for targets in (True, False):
         paths = loaders(out, split, cache, strength=strength, targets=targets)
@@ -120,7 +119,7 @@ def test_every_path_reads_the_samples_and_labels_of_load_dataset(fresh_copy, tmp
     out = OutDir(str(fresh_copy))
     for split in ("train", "test"):  # finalize wrote them; writing again gives the same bytes
         before = (fresh_copy / f"webdataset/{split}.wids.json").read_bytes()
-    assert write_wids_index(out, read_manifest(out)) == [
+    assert write_wids_index(out, out.manifest()) == [
         "webdataset/train.wids.json", "webdataset/test.wids.json",
     ]  # fmt: skip
     assert (fresh_copy / "webdataset/test.wids.json").read_bytes() == before
