@@ -126,6 +126,29 @@ def run_state(out: OutDir, tasks: list[ShardTask], verify: bool = False) -> RunS
     return RunState(done=done, todo=todo, complete=False)
 
 
+def plan_in(out: OutDir, recipe: Recipe) -> Plan:
+    """The plan of `recipe` for OUT, with the cohort's images checked once per run.
+
+    Resuming (or re-running a complete) i2i run trusts the check made when it started, whose
+    skipped rows are in the run record, instead of decoding every source image again; if the
+    cohort no longer gives the recorded shards, it is checked in full.
+    """
+    from synthgen.plan import build_plan
+
+    record = out.run_record()
+    resuming = record is not None and record["recipe_sha256"] == recipe.sha256()
+    if recipe.generation.mode == "i2i" and resuming:
+        from synthgen.cohort import Cohort, load_cohort
+
+        dropped = {entry["row"] for entry in record["skipped"]}
+        cohort = load_cohort(recipe.source, recipe.labels, check_images=False)
+        rows = [row for row in cohort.rows if row.row not in dropped]
+        plan = Plan(recipe, cohort=Cohort(rows, record["skipped"]))
+        if [asdict(task) for task in plan.tasks] == record["tasks"]:
+            return plan
+    return build_plan(recipe, check_images=True)
+
+
 @dataclass(frozen=True)
 class RunResult:
     total: int
@@ -165,10 +188,9 @@ def generate(
     """
     from synthgen.card import finalize
     from synthgen.executors import progress_bar, rank_share, run_in_process, run_local_pool, run_ray
-    from synthgen.plan import build_plan
 
-    plan = build_plan(recipe, check_images=True)
     out = OutDir(out_url)
+    plan = plan_in(out, recipe)
     claim_output(out, recipe, plan, overwrite=overwrite)
     tasks = plan.tasks
     skipped = len(plan.cohort.skipped) if plan.cohort is not None else 0

@@ -171,6 +171,32 @@ def test_corrupt_image_is_skipped_and_recorded(tmp_path, cohort):
     assert "truncated" in manifest["skipped"][0]["reason"]
 
 
+def test_a_resume_decodes_only_the_sources_it_renders(tmp_path, cohort, monkeypatch):
+    # The cohort was checked when the run started (row 9 skipped then): checking every image
+    # again on each resume, or on re-running a complete OUT, is a full pass over the cohort.
+    import synthgen.cohort
+
+    recipe_dict = i2i_recipe(corrupt_cohort(tmp_path, cohort), tmp_path / "l.csv")
+    recipe_dict["source"]["on_error"] = "skip"
+    recipe = load_recipe(write_recipe(tmp_path / "r.yaml", recipe_dict))
+    out = tmp_path / "out"
+    generate(recipe, str(out))
+    tars = {p: p.read_bytes() for p in (out / "webdataset").glob("*.tar")}
+    reads = []
+    original = synthgen.cohort.read_image
+    monkeypatch.setattr(synthgen.cohort, "read_image", lambda p: reads.append(p) or original(p))
+
+    assert generate(recipe, str(out)).already_complete and reads == []
+    (out / "manifest.json").unlink()
+    commit = sorted((out / ".synthgen" / "commits").glob("*.json"))[0]
+    count = json.loads(commit.read_text())["count"]
+    commit.unlink()
+    result = generate(recipe, str(out))
+    assert result.rendered == count and result.skipped_rows == 1
+    assert len(reads) == count  # the worker's reads of the shard it renders, nothing else
+    assert {p: p.read_bytes() for p in tars} == tars
+
+
 def test_invalid_label_value_names_the_row(tmp_path, cohort):
     with open(cohort) as handle:
         rows = list(csv.DictReader(handle))
