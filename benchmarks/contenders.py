@@ -99,7 +99,6 @@ def seed_loop(pipe, specs: list, sources: dict, settings: Settings, folder: Path
 
 def synthgen_path(plan, settings: Settings, folder: Path) -> tuple[PathTiming, object]:
     """Every shard of `plan` through a Worker into `folder`; returns the timing and the pipe."""
-    import synthgen.shards
     from synthgen.card import finalize
     from synthgen.outdir import OutDir
     from synthgen.runs import claim_output
@@ -116,35 +115,19 @@ def synthgen_path(plan, settings: Settings, folder: Path) -> tuple[PathTiming, o
     renderer.prompts.cache.clear()  # the timed run encodes its prompts, as the seed loop does
 
     timer = ComponentTimer(device).attach(renderer.pipe)
-    encode, load_source = synthgen.shards.encode_image, renderer.load_source
-
-    def timed(function, name):
-        def wrapper(*args, **kwargs):
-            started = time.perf_counter()
-            try:
-                return function(*args, **kwargs)
-            finally:
-                timer.add(name, time.perf_counter() - started)
-
-        return wrapper
-
-    # Instrumentation only: the writer looks encode_image up in its module on every call, and
-    # runs it in its encoder pool; `write` is then what the main thread spends after the last
-    # batch: waiting for the pool, tar, Parquet, sha256 and the atomic writes.
-    synthgen.shards.encode_image = timed(encode, "png_encode")
-    if load_source is not None:
-        renderer.load_source = timed(load_source, "source_read")
     try:
         synchronize(device)
         started, cpu_started = time.perf_counter(), time.process_time()
         for task in plan.tasks:
-            record = worker.run_shard(task)
-            timer.add("write", record.seconds["write"])
+            # The shard's own stats: pool-thread encode and reader-thread source seconds, and
+            # `write`, what the main thread spent after the last batch (writer tail, commit).
+            seconds = worker.run_shard(task).seconds
+            timer.add("png_encode", seconds["encode"])
+            timer.add("source_read", seconds.get("source_read", 0.0))
+            timer.add("write", seconds["write"])
         synchronize(device)
         wall, cpu = time.perf_counter() - started, time.process_time() - cpu_started
     finally:
-        synthgen.shards.encode_image = encode
-        renderer.load_source = load_source
         timer.detach()
     finalize_started = time.perf_counter()
     finalize(out)  # once per dataset, not per image: reported beside the per-image numbers

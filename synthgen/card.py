@@ -115,8 +115,7 @@ def build_manifest(out: OutDir, recipe: Recipe, tasks: list[ShardTask]) -> dict:
         "counts": counts,
         "counts_by_strength": by_strength,
         "labels": label_encodings(recipe),
-        "skipped": run.get("skipped", [])
-        + [r for shard in shards for r in shard.get("skipped", [])],
+        "skipped": run.get("skipped", []),
         "shards": [
             {k: s.get(k) for k in ("name", "split", "shard", "count", "files", "sizes", "strength")}
             for s in shards

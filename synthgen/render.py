@@ -8,6 +8,8 @@ on CPU the pixels are byte-identical whatever the shard size, resume point or wo
 from __future__ import annotations
 
 import logging
+import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 
@@ -38,6 +40,8 @@ class Renderer:
         self.load_source = load_source
         self.batch_size = generation.batch_size
         self.prompts = PromptEmbeddings(pipe, device, generation.batch_size)
+        self.source_seconds = 0.0  # summed over the reader threads, for the shards' stats
+        self._source_lock = threading.Lock()
         self.readers = None
         if generation.mode == "i2i":
             if load_source is None:
@@ -67,7 +71,11 @@ class Renderer:
         return [self.readers.submit(self._source_pixels, spec) for spec in batch]
 
     def _source_pixels(self, spec: SampleSpec) -> torch.Tensor:
-        return self.pipe.image_processor.preprocess(self.load_source(spec.source_row))
+        started = time.perf_counter()
+        pixels = self.pipe.image_processor.preprocess(self.load_source(spec.source_row))
+        with self._source_lock:
+            self.source_seconds += time.perf_counter() - started
+        return pixels
 
     def _render_batch(self, batch: list[SampleSpec], sources: Sources):
         size = self.batch_size

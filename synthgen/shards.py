@@ -50,12 +50,7 @@ class ShardRecord:
     files: dict[str, str]  # relative path -> sha256
     sizes: dict[str, int] = field(default_factory=dict)  # relative path -> bytes (quick resume)
     strength: float | None = None
-    skipped: list[dict] = field(default_factory=list)  # {"row": n, "reason": "..."}
     seconds: dict[str, float] = field(default_factory=dict)
-
-    @classmethod
-    def from_json(cls, text: str) -> ShardRecord:
-        return cls(**json.loads(text))
 
 
 def label_features(recipe: Recipe) -> dict[str, datasets.features.features.FeatureType]:
@@ -294,18 +289,26 @@ class ShardWriter:
             for name, spec in recipe.labels.items()
             if isinstance(spec, Categorical)
         }
+        self.encode_seconds = 0.0  # summed over the pool's threads, for the shard's stats
+        self._encode_lock = threading.Lock()
+
+    def _encode(self, image: Image.Image) -> bytes:
+        started = time.perf_counter()
+        data = encode_image(image, self.recipe)
+        with self._encode_lock:
+            self.encode_seconds += time.perf_counter() - started
+        return data
 
     def write(
         self,
         task: ShardTask,
         samples: Iterable[tuple[SampleSpec, Image.Image]],
         seconds: dict[str, float] | None = None,
-        skipped: list[dict] | None = None,
     ) -> ShardRecord:
         schema = self.features.arrow_schema
         files = ShardFiles(self.out, task.name, self.recipe.output.formats, schema)
         stream = ShardStream(files, self._entry, depth=QUEUE_PER_ENCODER * self.encoders)
-        count = 0
+        count, self.encode_seconds = 0, 0.0
         try:
             for spec, image in samples:
                 if "." in spec.key:
@@ -314,7 +317,7 @@ class ShardWriter:
                     )
                 # Encoding runs in the pool while the renderer makes the next batch (zlib and
                 # libjpeg release the GIL), so the accelerator does not wait for PNG compression.
-                stream.put(spec, self.pool.submit(encode_image, image, self.recipe))
+                stream.put(spec, self.pool.submit(self._encode, image))
                 count += 1
             started = time.perf_counter()
             digests = stream.finish()
@@ -330,8 +333,11 @@ class ShardWriter:
             files=digests,
             sizes=files.sizes(),
             strength=task.strength,
-            skipped=skipped or [],
-            seconds={**(seconds or {}), "write": time.perf_counter() - started},
+            seconds={
+                **(seconds or {}),
+                "encode": self.encode_seconds,  # pool-thread seconds, beside the rendering
+                "write": time.perf_counter() - started,
+            },
         )
         self.out.write_atomic(self.out.commit_path(task.name), json.dumps(asdict(record)).encode())
         return record

@@ -58,12 +58,14 @@ class Worker:
             timings["compile"], self.compile_seconds = self.compile_seconds, 0.0
 
         def rendered():
-            last = time.perf_counter()
+            last, read_before = time.perf_counter(), self.renderer.source_seconds
             for spec, image in self.renderer.render(specs):
                 timings["render"] += time.perf_counter() - last
                 if progress:
                     progress(1)
                 yield spec, image
                 last = time.perf_counter()
+            if self.plan.cohort is not None:  # reader-thread seconds, beside the rendering
+                timings["source_read"] = self.renderer.source_seconds - read_before
 
         return self.writer.write(task, rendered(), seconds=timings)
