@@ -29,9 +29,9 @@ from synthgen.fidelity import (
     LpipsScorer,
     RealFeatures,
     fid_kid,
+    kth_similarity,
     label_agreement,
     prdc,
-    real_radii,
 )
 from synthgen.memorisation import check_memorisation
 from synthgen.reid import RankResult, mean_estimate, normalise, rank_sources, summarise_level
@@ -325,7 +325,7 @@ class _RealReference:
 
     def radii(self, k: int) -> np.ndarray:
         if k not in self._radii:
-            self._radii[k] = real_radii(self.unit, k, self.device)
+            self._radii[k] = kth_similarity(self.unit, k, self.device)
         return self._radii[k]
 
 

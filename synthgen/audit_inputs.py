@@ -39,6 +39,9 @@ def synthetic_items(out: OutDir, linkage: dict[str, str] | None) -> list[Synthet
     paths = [p for shard in manifest["shards"] for p in shard["files"] if p.endswith(".parquet")]
     if not paths:
         raise AuditError("has no Parquet shards to audit", file=out.url)
+    i2i = manifest["mode"] == "i2i"
+    if i2i and linkage is None:
+        raise AuditError("an i2i dataset needs --linkage")
 
     footers: dict[str, pq.FileMetaData] = {}
 
@@ -63,9 +66,7 @@ def synthetic_items(out: OutDir, linkage: dict[str, str] | None) -> list[Synthet
         keys, strengths = table.column("key").to_pylist(), table.column("strength").to_pylist()
         for (group, row), key, strength in zip(places, keys, strengths, strict=True):
             source = None
-            if manifest["mode"] == "i2i":
-                if linkage is None:
-                    raise AuditError("an i2i dataset needs --linkage")
+            if i2i:
                 if key not in linkage:
                     raise AuditError(f"key {key} is not in the linkage table", where="--linkage")
                 source = linkage[key]

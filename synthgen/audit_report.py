@@ -51,7 +51,7 @@ def _clean(value: Any) -> Any:
     return value
 
 
-def write_report(report: dict, report_dir: Path, pairs: list[Pair], memorised: list[Pair]) -> None:
+def write_report(report: dict, report_dir: Path, pairs: list[Pair], memorised: list[Pair]) -> dict:
     report_dir.mkdir(parents=True, exist_ok=True)
     files = ["report.json", "report.csv", "report.md", "tradeoff.png"]
     if pairs:

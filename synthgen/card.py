@@ -75,8 +75,7 @@ def read_label_frame(out: OutDir, recipe: Recipe, records: Iterable[dict]) -> pd
             frame = pq.read_table(io.BytesIO(data), columns=list(recipe.labels)).to_pandas()
             for name, spec in recipe.labels.items():
                 if isinstance(spec, Categorical):
-                    names = list(spec.values)
-                    frame[name] = [names[int(i)] for i in frame[name]]
+                    frame[name] = [spec.from_stored(i) for i in frame[name]]
         else:
             with tarfile.open(fileobj=io.BytesIO(data)) as tar:
                 metas = [json.load(tar.extractfile(m)) for m in tar if m.name.endswith(".json")]

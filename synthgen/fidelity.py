@@ -214,27 +214,25 @@ class PRDC:
     coverage: Estimate
 
 
-def real_radii(real: torch.Tensor, k: int, device: str = "cpu") -> np.ndarray:
-    """Similarity of each real image to its k-th nearest other real image (its ball's edge)."""
-    return nearest_similarity(real, real, k=k + 1, device=device)[0][:, -1]  # +1: itself
+def kth_similarity(points: torch.Tensor, k: int, device: str = "cpu") -> np.ndarray:
+    """Similarity of each point to its k-th nearest other point (the edge of its ball)."""
+    return nearest_similarity(points, points, k=k + 1, device=device)[0][:, -1]  # +1: itself
 
 
 def prdc(
     real: torch.Tensor,
     fake: torch.Tensor,
+    real_kth: np.ndarray,
     *,
     k: int = 5,
     device: str = "cpu",
-    real_kth: np.ndarray | None = None,
 ) -> PRDC:
     """Precision, recall, density, coverage (Naeem et al. 2020) on normalised embeddings.
 
     Euclidean balls on the unit sphere are similarity thresholds: d <= r  <=>  s >= s_k.
-    `real_kth` (from `real_radii`) saves the real-vs-real search when several groups share reals.
+    `real_kth` is `kth_similarity(real, k)`, computed once for every group sharing the reals.
     """
-    if real_kth is None:
-        real_kth = real_radii(real, k, device)
-    fake_kth = nearest_similarity(fake, fake, k=k + 1, device=device)[0][:, -1]
+    fake_kth = kth_similarity(fake, k, device)
     real_thr = torch.as_tensor(real_kth, device=device)
     fake_thr = torch.as_tensor(fake_kth, device=device)
     real_d, fake_d = real.to(device), fake.to(device)

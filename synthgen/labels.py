@@ -26,6 +26,10 @@ class _Label(BaseModel):
         """The value as a prompt template shows it."""
         return value
 
+    def from_stored(self, value: object) -> object:
+        """The label value from its Parquet cell (a categorical is stored as its class index)."""
+        return value
+
 
 class Categorical(_Label):
     dist: Literal["categorical"]
@@ -52,6 +56,9 @@ class Categorical(_Label):
 
     def describe(self) -> str:
         return ", ".join(f"{v}: {p:.3g}" for v, p in self.probabilities().items())
+
+    def from_stored(self, value: object) -> str:
+        return list(self.values)[int(value)]  # type: ignore[call-overload]
 
     def check(self, value: object) -> str:
         if str(value) not in self.values:

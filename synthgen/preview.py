@@ -133,10 +133,7 @@ def _parquet_samples(
     for position in wanted:
         group = int(np.searchsorted(starts, position, side="right")) - 1
         row = table.slice(offsets[group] + position - int(starts[group]), 1).to_pylist()[0]
-        labels = {}
-        for name, spec in recipe.labels.items():
-            value = row[name]
-            labels[name] = list(spec.values)[int(value)] if isinstance(spec, Categorical) else value
+        labels = {name: spec.from_stored(row[name]) for name, spec in recipe.labels.items()}
         yield row["key"], row["image"]["bytes"], labels
 
 
