@@ -33,14 +33,16 @@ demo-i2i: data/demo-i2i
 data/demo-i2i: data/demo-cohort/manifest.csv
 
 data/demo-cohort/manifest.csv: | $(VENV)/.core
-	$(BIN)/python -m synthgen.democohort data/demo-cohort 16
+	$(BIN)/python -m synthgen.cohort.demo data/demo-cohort 16
 
 test: install
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
+# ruff, and the import contract in pyproject.toml: lower layers never import higher ones.
 lint: install
 	$(BIN)/ruff check synthgen tests benchmarks examples
 	$(BIN)/ruff format --check synthgen tests benchmarks examples
+	$(BIN)/lint-imports
 
 # `make data/NAME` (re)generates data/NAME from recipes/NAME.yaml: a no-op when complete and
 # made from the same recipe, a resume when partial. A changed recipe is refused: pass

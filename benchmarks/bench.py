@@ -105,7 +105,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def model_case(mode, settings, seed_pipes, lora, peak, folder: Path) -> dict:
-    from synthgen.plan import build_plan
+    from synthgen.run.planning import build_plan
 
     case_folder = folder / mode
     case_folder.mkdir()
@@ -150,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.threads:
         torch.set_num_threads(args.threads)
-    from synthgen.models import quiet_libraries
+    from synthgen.render.pipeline import quiet_libraries
 
     quiet_libraries()
     settings = Settings(**{f.name: getattr(args, f.name) for f in fields(Settings)})

@@ -99,10 +99,10 @@ def seed_loop(pipe, specs: list, sources: dict, settings: Settings, folder: Path
 
 def synthgen_path(plan, settings: Settings, folder: Path) -> tuple[PathTiming, object]:
     """Every shard of `plan` through a Worker into `folder`; returns the timing and the pipe."""
-    from synthgen.card import finalize
-    from synthgen.outdir import OutDir
-    from synthgen.runs import claim_output
-    from synthgen.worker import Worker
+    from synthgen.output.outdir import OutDir
+    from synthgen.run.finalize import finalize
+    from synthgen.run.generate import claim_output
+    from synthgen.run.worker import Worker
 
     device = settings.device
     out = OutDir(str(folder))

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from synthgen.democohort import write_table
+from synthgen.cohort.demo import write_table
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))  # lora_files: the random-LoRA writer the tests use
@@ -51,7 +51,7 @@ class Settings:
 
     @property
     def torch_dtype(self) -> torch.dtype:
-        from synthgen.models import resolve_dtype
+        from synthgen.render.pipeline import resolve_dtype
 
         return resolve_dtype(self.dtype, self.device)
 
@@ -90,7 +90,7 @@ def write_cohort(folder: Path, count: int, size: int) -> Path:
 
 def bench_recipe(settings: Settings, mode: str, lora: Path | None, folder: Path):
     """The recipe that asks synthgen for what the seed-style loop does: one shard, PNG out."""
-    from synthgen.recipe import recipe_from_dict
+    from synthgen.recipe.schema import recipe_from_dict
 
     s = settings
     model = {"base": s.model, "scheduler": "ddim", "dtype": s.dtype, "compile": s.compile}
@@ -135,8 +135,8 @@ def seed_pipelines(settings: Settings, folder: Path) -> tuple[dict, Path | None]
     """The model card's pipelines for t2i and i2i (one set of weights), and the LoRA file."""
     from diffusers import StableDiffusionImg2ImgPipeline
 
-    from synthgen.models import load_pipeline
-    from synthgen.recipe import ModelConfig
+    from synthgen.recipe.schema import ModelConfig
+    from synthgen.render.pipeline import load_pipeline
 
     # synthgen's loader without its worker tuning: diffusers' own DDIM, the safety checker off
     base = ModelConfig(base=settings.model, scheduler="ddim", dtype=settings.dtype)

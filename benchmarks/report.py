@@ -44,7 +44,9 @@ def _git_revision() -> str:
 def environment(device: str) -> dict:
     from PIL import features
 
-    from synthgen.card import library_versions  # what the manifest records, plus image codecs
+    from synthgen.output.manifest import (
+        library_versions,  # what the manifest records, plus image codecs
+    )
 
     versions = {"python": platform.python_version(), **library_versions()}
     versions.update(pillow=metadata.version("pillow"), numpy=metadata.version("numpy"))

@@ -133,7 +133,7 @@ def unet_flops(pipe, batch: int, size: int) -> int:
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
 
-    from synthgen.tuning import uncompiled
+    from synthgen.render.tuning import uncompiled
 
     unet = uncompiled(pipe.unet)  # the counter needs the eager module's operators
     latent = size // pipe.vae_scale_factor

@@ -23,7 +23,7 @@ from synthgen.data import (
     webdataset_loader,
     wids_dataset,
 )
-from synthgen.outdir import OutDir
+from synthgen.output.outdir import OutDir
 
 
 class SmallConvNet(nn.Module):
@@ -86,7 +86,7 @@ def main() -> None:
     torch.manual_seed(args.seed)
     manifest = OutDir(args.out).manifest()
     sizes = label_encoder(manifest).sizes()
-    kinds = {name: manifest["labels"][name]["kind"] for name in sizes}
+    kinds = {name: manifest.labels[name].kind for name in sizes}
     heads = {name: sizes[name] for name in sizes if kinds[name] != "numeric"}
     if not heads:
         parser.error("the dataset has no categorical or multilabel label to classify")

@@ -57,9 +57,9 @@ def main() -> None:
 @user_errors
 def validate(recipe: Path) -> None:
     """Check RECIPE (and its cohort: columns, labels, every image) without rendering anything."""
-    from synthgen.modelfiles import check_model_reference
-    from synthgen.plan import build_plan
-    from synthgen.recipe import load_recipe
+    from synthgen.recipe.schema import load_recipe
+    from synthgen.render.model_files import check_model_reference
+    from synthgen.run.planning import build_plan
 
     loaded = load_recipe(recipe)
     check_model_reference(loaded.model, file=str(recipe))
@@ -68,7 +68,7 @@ def validate(recipe: Path) -> None:
     if plan.cohort is not None:
         detail += f" from {len(plan.cohort.rows)} cohort rows"
         for skipped in plan.cohort.skipped:
-            click.echo(f"skip: row {skipped['row']}: {skipped['reason']}", err=True)
+            click.echo(f"skip: row {skipped.row}: {skipped.reason}", err=True)
         if plan.cohort.skipped:
             detail += f", {len(plan.cohort.skipped)} rows skipped"
     click.echo(f"ok: {recipe} ({loaded.name}: {detail}; sha256 {loaded.sha256()[:12]})")
@@ -81,43 +81,18 @@ def validate(recipe: Path) -> None:
 @user_errors
 def sample(recipe: Path, count: int, start: int) -> None:
     """Print samples' keys, labels and prompts as JSON lines, without rendering."""
-    from synthgen.plan import Plan, build_plan, split_of, t2i_spec
-    from synthgen.recipe import load_recipe
+    from synthgen.recipe.schema import load_recipe
+    from synthgen.run.planning import build_plan
 
     loaded = load_recipe(recipe)
-    plan: Plan = build_plan(loaded, check_images=False)
-    if loaded.generation.mode == "t2i":
-        specs = [
-            t2i_spec(loaded, i, split_of(loaded, i), plan.table)
-            for i in range(start, start + count)
-        ]
-    else:
-        specs = [spec for task in plan.tasks for spec in plan.specs(task)][start : start + count]
-    for spec in specs:
+    plan = build_plan(loaded, check_images=False)
+    stop = start + count if loaded.generation.mode == "t2i" else min(start + count, plan.total)
+    for spec in (plan.spec(index) for index in range(start, stop)):
         line = {"index": spec.index, "key": spec.key, "split": spec.split, "labels": spec.labels,
                 "prompt": spec.prompt}  # fmt: skip
         if spec.strength is not None:
             line["strength"] = spec.strength
         click.echo(json.dumps(line))
-
-
-def parse_devices(value: str | None, workers_per_device: int) -> tuple[str, ...]:
-    """`all` / `0,1,3` / `cpu` / `cuda:1` → one entry per worker process."""
-    import torch
-
-    if value is None:
-        value = "all" if torch.cuda.is_available() else "cpu"
-    if value == "all":
-        count = torch.cuda.device_count()
-        devices = [f"cuda:{i}" for i in range(count)] or ["cpu"]
-    elif value == "cpu" or value.startswith("cuda"):
-        devices = [value]
-    else:
-        try:
-            devices = [f"cuda:{int(part)}" for part in value.split(",")]
-        except ValueError:
-            raise click.BadParameter("use all, cpu, cuda, cuda:N or a list like 0,1,3") from None
-    return tuple(device for device in devices for _ in range(workers_per_device))
 
 
 @main.command()
@@ -151,30 +126,16 @@ def parse_devices(value: str | None, workers_per_device: int) -> tuple[str, ...]
 def generate(recipe, out, num_samples, devices, workers_per_device, executor, address, rank,
              world_size, max_retries, overwrite, verify):  # fmt: skip
     """Render RECIPE into OUT; resumes a partial run of the same recipe."""
-    from synthgen.executors import launcher_rank
-    from synthgen.modelfiles import check_model_reference
-    from synthgen.recipe import load_recipe
-    from synthgen.runs import Execution
-    from synthgen.runs import generate as run
+    from synthgen.recipe.schema import load_recipe
+    from synthgen.render.model_files import check_model_reference
+    from synthgen.run.generate import generate as run
+    from synthgen.run.launch import resolve_execution
 
     loaded = load_recipe(recipe, num_samples=num_samples)
     check_model_reference(loaded.model, file=str(recipe))
-    if rank is None and world_size is None:
-        rank, world_size = launcher_rank() or (None, None)
-    elif rank is None or world_size is None or not 0 <= rank < world_size:
-        raise click.BadParameter("give both --rank and --world-size, with 0 <= rank < world size")
-    device_list = parse_devices(devices, workers_per_device)
-    if (
-        rank is not None
-        and os.environ.get("LOCAL_RANK")
-        and devices is None
-        and device_list[0] != "cpu"
-    ):
-        device_list = (f"cuda:{os.environ['LOCAL_RANK']}",)  # torchrun: one GPU per process
-    log_dir = None
-    if "://" not in out or out.startswith("file://"):
-        log_dir = str(Path(out.removeprefix("file://")) / ".synthgen" / "logs")
-    execution = Execution(device_list, executor, address, rank, world_size, max_retries, log_dir)
+    execution = resolve_execution(
+        out, devices, workers_per_device, executor, address, rank, world_size, max_retries
+    )
     result = run(loaded, out, execution, overwrite=overwrite, verify=verify)
     if result.already_complete:
         click.echo(
@@ -207,11 +168,11 @@ def generate(recipe, out, num_samples, devices, workers_per_device, executor, ad
 @user_errors
 def finalize(out: str) -> None:
     """Write OUT's manifest and dataset card again from its committed shards."""
-    from synthgen.card import finalize as finalize_out
-    from synthgen.outdir import OutDir
+    from synthgen.output.outdir import OutDir
+    from synthgen.run.finalize import finalize as finalize_out
 
     manifest = finalize_out(OutDir(out))
-    click.echo(f"finalized {out}: {manifest['num_samples']} samples")
+    click.echo(f"finalized {out}: {manifest.num_samples} samples")
 
 
 @main.command()
@@ -225,29 +186,31 @@ def finalize(out: str) -> None:
 @user_errors
 def info(out: str, plots: Path | None) -> None:
     """Counts, completeness and label summaries of a generated dataset."""
-    from synthgen.card import read_label_frame, read_recipe
-    from synthgen.outdir import OutDir
-    from synthgen.runs import planned_tasks
-    from synthgen.summary import label_rows, markdown_table
+    from synthgen.output.label_summary import label_rows, markdown_table
+    from synthgen.output.manifest import label_encodings, merged_label_stats
+    from synthgen.output.outdir import MANIFEST, OutDir
+    from synthgen.output.read import ShardReader
+    from synthgen.preview.plots import label_plots
 
     outdir = OutDir(out)
-    recipe = read_recipe(outdir)
-    tasks = planned_tasks(outdir)
+    recipe = outdir.recipe()
+    run_record = outdir.run_record()
+    if run_record is None:
+        raise SynthgenError("no run record: this is not a synthgen output directory", file=out)
+    tasks = run_record.tasks
     records = outdir.committed_records()
     done = [records[t.name] for t in tasks if t.name in records]
-    complete = outdir.exists("manifest.json") and len(done) == len(tasks)
+    complete = outdir.exists(MANIFEST) and len(done) == len(tasks)
     click.echo(f"{recipe.name}: {'complete' if complete else 'INCOMPLETE'}")
     click.echo(f"shards: {len(done)} of {len(tasks)} committed")
     for split in recipe.splits:
-        count = sum(r["count"] for r in done if r["split"] == split)
+        count = sum(r.count for r in done if r.split == split)
         click.echo(f"  {split}: {count} samples")
     if recipe.labels and done:
-        frame = read_label_frame(outdir, recipe, done)
-        click.echo(markdown_table(label_rows(recipe, frame)))
+        stats = merged_label_stats(recipe, done, ShardReader(outdir, label_encodings(recipe)))
+        click.echo(markdown_table(label_rows(recipe, stats)))
         if plots is not None:
-            from synthgen.preview import label_plots
-
-            names = label_plots(recipe, frame, plots)
+            names = label_plots(recipe, stats, OutDir(str(plots)))
             click.echo(f"wrote {len(names)} label plots to {plots}")
 
 
@@ -277,7 +240,7 @@ def info(out: str, plots: Path | None) -> None:
 def preview(source: str, output: Path, count: int | None, seed: int, columns: int,
             device: str | None) -> None:  # fmt: skip
     """Contact sheet of SOURCE (a recipe: renders a few; an OUT: samples committed images)."""
-    from synthgen.preview import make_preview
+    from synthgen.run.preview import make_preview
 
     sheet = make_preview(source, n=count, seed=seed, device=device, columns=columns)
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -303,8 +266,8 @@ def preview(source: str, output: Path, count: int | None, seed: int, columns: in
 def push(out: Path, repo_id: str, private: bool, revision: str | None, token_from_env: bool,
          dry_run: bool, timeout: float) -> None:  # fmt: skip
     """Upload a complete OUT to the Hugging Face Hub as a dataset repo."""
-    from synthgen.hub import bound_hub_timeouts, files_to_upload, push_dataset
-    from synthgen.hub import token_from_env as env_token
+    from synthgen.output.hub import bound_hub_timeouts, files_to_upload, push_dataset
+    from synthgen.output.hub import token_from_env as env_token
 
     if dry_run:
         for path in files_to_upload(out):
@@ -319,7 +282,7 @@ def push(out: Path, repo_id: str, private: bool, revision: str | None, token_fro
 @main.command()
 def schema() -> None:
     """Print the recipe JSON Schema (for editor completion and CI checks of recipe repos)."""
-    from synthgen.recipe import Recipe
+    from synthgen.recipe.schema import Recipe
 
     click.echo(json.dumps(Recipe.model_json_schema(), indent=2))
 
@@ -350,11 +313,11 @@ def schema() -> None:
 def audit(out, source, linkage, embedder, predictor, holdout, image_column, id_column,
           patient_column, report_dir, device, append_to_card):  # fmt: skip
     """Privacy–utility audit: how re-identifiable is OUT, and how much signal did it keep?"""
-    from synthgen.audit import run_audit
-    from synthgen.audit_inputs import audit_summary, read_linkage, source_items, synthetic_items
-    from synthgen.card import AUDIT_RECORD
-    from synthgen.card import finalize as finalize_out
-    from synthgen.outdir import OutDir
+    from synthgen.audit.engine import run_audit
+    from synthgen.audit.inputs import read_linkage, source_items, synthetic_items
+    from synthgen.audit.report import card_section
+    from synthgen.output.outdir import AUDIT_SECTION, OutDir
+    from synthgen.run.finalize import finalize as finalize_out
 
     outdir = OutDir(out)
     links = read_linkage(linkage) if linkage else None
@@ -368,6 +331,6 @@ def audit(out, source, linkage, embedder, predictor, holdout, image_column, id_c
     for warning in report.get("warnings", []):
         click.echo(f"warning: {warning}", err=True)
     if append_to_card:
-        outdir.write_atomic(AUDIT_RECORD, json.dumps(audit_summary(report)).encode())
+        outdir.write_atomic(AUDIT_SECTION, card_section(report).encode())
         finalize_out(outdir)
         click.echo(f"added the audit summary to {out}/README.md")

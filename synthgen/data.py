@@ -14,7 +14,6 @@ import json
 import os
 import posixpath
 import tempfile
-import uuid
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from functools import partial
@@ -28,10 +27,11 @@ from PIL import Image
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from synthgen.errors import OutputError
-from synthgen.outdir import OutDir
+from synthgen.output.outdir import PARQUET, WEBDATASET, OutDir, temporary_name
+from synthgen.output.records import Manifest
+from synthgen.recipe.labels import LabelEncoding
 
 IMAGE_SUFFIXES = ("png", "jpg", "webp")
-WIDS_INDEX = "webdataset/{split}.wids.json"
 
 
 # --- labels -------------------------------------------------------------------------------------
@@ -39,83 +39,39 @@ WIDS_INDEX = "webdataset/{split}.wids.json"
 
 @dataclass(frozen=True)
 class LabelEncoder:
-    """Turns a labels dict into targets, with the encodings `manifest.json` records.
+    """Turns a labels dict into tensors, with the encodings `manifest.json` records.
 
     categorical → int64 class index; multilabel → float32 multi-hot over the names; numeric →
     float32 scalar. Constants are left out: there is nothing to learn from them. A class (not a
     closure) so DataLoader workers can pickle it under any start method.
     """
 
-    encodings: dict[str, dict]
+    encodings: dict[str, LabelEncoding]
 
     def __call__(self, labels: dict) -> dict[str, torch.Tensor]:
         targets = {}
         for name, encoding in self.encodings.items():
-            kind = encoding["kind"]
-            if kind == "categorical":
-                index = self.index(name, labels[name])
-                targets[name] = torch.tensor(index, dtype=torch.int64)
-            elif kind == "multilabel":
-                hot = torch.zeros(len(encoding["names"]), dtype=torch.float32)
-                for finding in labels[name]:
-                    hot[self.index(name, finding)] = 1.0
-                targets[name] = hot
-            elif kind == "numeric":
-                targets[name] = torch.tensor(float(labels[name]), dtype=torch.float32)
+            if encoding.width is None:  # a constant: nothing to learn
+                continue
+            try:
+                target = encoding.target(labels[name])
+            except ValueError as exc:
+                raise ValueError(f"label '{name}': {exc}") from None
+            dtype = torch.int64 if encoding.kind == "categorical" else torch.float32
+            targets[name] = torch.tensor(target, dtype=dtype)
         return targets
-
-    def index(self, name: str, value: str) -> int:
-        names = self.encodings[name]["names"]
-        if value not in names:
-            raise ValueError(f"label '{name}': '{value}' is not one of {', '.join(names)}")
-        return names.index(value)
 
     def sizes(self) -> dict[str, int]:
         """Output units a model head needs per target: classes, names, or 1 for a number."""
-        sizes = {}
-        for name, encoding in self.encodings.items():
-            if encoding["kind"] in ("categorical", "multilabel"):
-                sizes[name] = len(encoding["names"])
-            elif encoding["kind"] == "numeric":
-                sizes[name] = 1
-        return sizes
+        return {
+            name: encoding.width
+            for name, encoding in self.encodings.items()
+            if encoding.width is not None
+        }
 
 
-def label_encoder(manifest: dict) -> LabelEncoder:
-    return LabelEncoder(manifest["labels"])
-
-
-# --- the manifest and its shards ----------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ShardFile:
-    path: str  # relative to OUT
-    count: int
-    sha256: str
-
-
-def shard_files(
-    manifest: dict, split: str, folder: str, strength: float | None = None
-) -> list[ShardFile]:
-    """The `folder` ("webdataset" or "parquet") files of one split, in plan order."""
-    if split not in manifest["counts"]:
-        raise OutputError(f"no split '{split}'; this dataset has {', '.join(manifest['counts'])}")
-    files = []
-    for shard in manifest["shards"]:
-        if shard["split"] != split:
-            continue
-        if strength is not None and (
-            shard["strength"] is None or abs(shard["strength"] - strength) > 1e-9
-        ):
-            continue
-        for path, digest in shard["files"].items():
-            if path.startswith(f"{folder}/"):
-                files.append(ShardFile(path, shard["count"], digest))
-    if not files:
-        wanted = f"{folder} files" + (f" at strength {strength:g}" if strength is not None else "")
-        raise OutputError(f"split '{split}' has no {wanted}")
-    return files
+def label_encoder(manifest: Manifest) -> LabelEncoder:
+    return LabelEncoder(manifest.labels)
 
 
 def full_url(out: OutDir, relative: str) -> str:
@@ -193,7 +149,7 @@ def webdataset_loader(
     """
     outdir = OutDir(out)
     manifest = outdir.manifest()
-    paths = [f.path for f in shard_files(manifest, split, "webdataset", strength)]
+    paths = [f.path for f in manifest.shard_files(split, WEBDATASET, strength)]
     encode = label_encoder(manifest) if targets else None
     stages: list = [wds.SimpleShardList(paths)]
     if shuffle:
@@ -212,33 +168,6 @@ def webdataset_loader(
 
 
 # --- wids random access -------------------------------------------------------------------------
-
-
-def write_wids_index(out: OutDir, manifest: dict) -> list[str]:
-    """Write `webdataset/{split}.wids.json` per split, for `wids.ShardListDataset(path)`.
-
-    URLs are relative to the index file, which wids resolves against the index's own location, so
-    the index works wherever OUT is copied or pushed.
-    """
-    has_tars = any(p.startswith("webdataset/") for s in manifest["shards"] for p in s["files"])
-    if not has_tars:
-        return []
-    written = []
-    for split in manifest["counts"]:
-        shards = [
-            {"url": posixpath.basename(f.path), "nsamples": f.count}
-            for f in shard_files(manifest, split, "webdataset")
-        ]
-        index = {
-            "__kind__": "wids-shard-index-v1",
-            "wids_version": 1,
-            "name": f"{manifest['name']}-{split}",
-            "shardlist": shards,
-        }
-        relative = WIDS_INDEX.format(split=split)
-        out.write_atomic(relative, json.dumps(index, indent=2).encode())
-        written.append(relative)
-    return written
 
 
 @dataclass(frozen=True)
@@ -260,7 +189,7 @@ class CachedShard:
         )
         if not os.path.exists(local):
             os.makedirs(self.cache_dir, exist_ok=True)
-            temporary = f"{local}.tmp-{uuid.uuid4().hex[:12]}"
+            temporary = temporary_name(local)
             if self.out.is_local:
                 os.symlink(os.path.abspath(self.out.path(relative)), temporary)
             else:
@@ -292,7 +221,7 @@ def wids_dataset(
     """
     outdir = OutDir(out)
     manifest = outdir.manifest()
-    files = shard_files(manifest, split, "webdataset", strength)
+    files = manifest.shard_files(split, WEBDATASET, strength)
     cache = cache_dir or os.path.join(tempfile.gettempdir(), "synthgen-wids")
     encode = label_encoder(manifest) if targets else None
     return wids.ShardListDataset(
@@ -309,7 +238,7 @@ def wids_dataset(
 class ParquetRows:
     """`datasets` transform: a batch of Parquet rows → samples of the common shape."""
 
-    encodings: dict[str, dict]
+    encodings: dict[str, LabelEncoding]
     encode: LabelEncoder | None
     image_size: int | None
 
@@ -323,12 +252,8 @@ class ParquetRows:
         return {name: [s[name] for s in samples] for name in ("key", "image", "labels")}
 
     def labels(self, batch: dict[str, list], i: int) -> dict:
-        labels = {}
-        for name, encoding in self.encodings.items():
-            value = batch[name][i]
-            # ClassLabel columns hold indices; the raw labels (as in the tars) are the names.
-            labels[name] = encoding["names"][value] if encoding["kind"] == "categorical" else value
-        return labels
+        # ClassLabel columns hold indices; the raw labels (as in the tars) are the names.
+        return {name: enc.from_stored(batch[name][i]) for name, enc in self.encodings.items()}
 
 
 def parquet_dataset(
@@ -345,8 +270,8 @@ def parquet_dataset(
     """
     outdir = OutDir(out)
     manifest = outdir.manifest()
-    urls = [full_url(outdir, f.path) for f in shard_files(manifest, split, "parquet", strength)]
+    urls = [full_url(outdir, f.path) for f in manifest.shard_files(split, PARQUET, strength)]
     table = datasets.load_dataset("parquet", data_files={split: urls}, split=split)
     table = table.cast_column("image", datasets.Image(decode=False))
     encode = label_encoder(manifest) if targets else None
-    return table.with_transform(ParquetRows(manifest["labels"], encode, image_size))
+    return table.with_transform(ParquetRows(manifest.labels, encode, image_size))

@@ -9,16 +9,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import numpy as np
 
-from synthgen.labels import LabelValue, sample_labels
-from synthgen.prompts import render_prompt
-from synthgen.recipe import Recipe
-
-if TYPE_CHECKING:
-    from synthgen.cohort import Cohort
+from synthgen.cohort.rows import Cohort
+from synthgen.recipe.labels import LabelValue, sample_labels
+from synthgen.recipe.prompts import render_prompt
+from synthgen.recipe.schema import Recipe
 
 _LABEL_STREAM, _IMAGE_STREAM, _COHORT_STREAM = 0, 1, 2
 
@@ -175,23 +172,24 @@ class Plan:
                 t2i_spec(self.recipe, i, task.split, self.table)
                 for i in range(task.start, task.stop)
             ]
-        specs = []
-        for index in range(task.start, task.stop):
-            sample = self._i2i[index]
-            labels = self.cohort.by_row[sample.row].labels
-            specs.append(
-                SampleSpec(
-                    index=index,
-                    key=sample_key(self.recipe, index),
-                    split=sample.split,
-                    seed=sample.seed,
-                    labels=labels,
-                    prompt=render_prompt(self.recipe.prompt, prompt_values(self.recipe, labels)),
-                    source_row=sample.row,
-                    strength=sample.strength,
-                )
-            )
-        return specs
+        return [self.spec(index) for index in range(task.start, task.stop)]
+
+    def spec(self, index: int) -> SampleSpec:
+        """Sample `index` alone (what `synthgen sample` prints), without building its shard."""
+        if self.recipe.generation.mode == "t2i":
+            return t2i_spec(self.recipe, index, split_of(self.recipe, index), self.table)
+        sample = self._i2i[index]
+        labels = self.cohort.by_row[sample.row].labels
+        return SampleSpec(
+            index=index,
+            key=sample_key(self.recipe, index),
+            split=sample.split,
+            seed=sample.seed,
+            labels=labels,
+            prompt=render_prompt(self.recipe.prompt, prompt_values(self.recipe, labels)),
+            source_row=sample.row,
+            strength=sample.strength,
+        )
 
     def _plan_i2i(self, cohort: Cohort) -> list[ShardTask]:
         recipe = self.recipe
@@ -237,41 +235,3 @@ class Plan:
             }
             for index, sample in enumerate(self._i2i)
         ]
-
-
-def labels_table(recipe: Recipe) -> list[dict] | None:
-    """Validated label rows of `labels_from.table`, or None when labels are drawn from distributions."""
-    if recipe.labels_from is None:
-        return None
-    from synthgen.cohort import read_table  # pandas: only when a table is used
-    from synthgen.errors import CohortError
-
-    frame = read_table(recipe.labels_from.table, where="labels_from.table")
-    rows = []
-    for position, (_, record) in enumerate(frame.iterrows(), start=1):
-        values = {}
-        for label, column in recipe.labels_from.columns.items():
-            if column not in frame.columns:
-                raise CohortError(
-                    f"column '{column}' is not in the table", where=f"labels_from.columns.{label}"
-                )
-            try:
-                values[label] = recipe.labels[label].check(record[column])
-            except ValueError as exc:
-                raise CohortError(
-                    f"label '{label}': {exc}", where=f"labels_from.table row {position}"
-                ) from None
-        rows.append(values)
-    if not rows:
-        raise CohortError("the table has no rows", where="labels_from.table")
-    return rows
-
-
-def build_plan(recipe: Recipe, check_images: bool = True) -> Plan:
-    """The plan, reading the cohort or label table the recipe points at."""
-    if recipe.generation.mode == "i2i":
-        from synthgen.cohort import load_cohort
-
-        cohort = load_cohort(recipe.source, recipe.labels, check_images=check_images)
-        return Plan(recipe, cohort=cohort)
-    return Plan(recipe, table=labels_table(recipe))

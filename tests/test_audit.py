@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from synthgen.audit import (
+from synthgen.audit.engine import (
     AuditError,
     ChanceLevelWarning,
     LabelHead,
@@ -20,8 +20,8 @@ from synthgen.audit import (
     load_embedder,
     run_audit,
 )
-from synthgen.embedders import file_sha256
-from synthgen.reid import wilson_interval
+from synthgen.audit.reid import wilson_interval
+from synthgen.hashing import file_sha256
 
 N_PATIENTS = 20  # two images ("eyes") each: 40 sources
 SIZE = 32
@@ -188,7 +188,7 @@ def _estimates(node):
 def test_report_keeps_ids_out_and_records_settings(cohort, tmp_path, monkeypatch):
     fields, sources = cohort
     captions = []
-    import synthgen.audit_report as audit_report
+    import synthgen.audit.report as audit_report
 
     real_sheet = audit_report._contact_sheet
     monkeypatch.setattr(
@@ -419,7 +419,7 @@ def test_pixels_embedder_is_pixel_correlation():
 
 
 def test_psnr_and_ssim_against_hand_computed_values():
-    from synthgen.fidelity import psnr_ssim, ssim_batch, to_pair_tensors
+    from synthgen.audit.fidelity import psnr_ssim, ssim_batch, to_pair_tensors
 
     grey = torch.full((3, 16, 16), 0.5)
     psnr, ssim = psnr_ssim([(grey + 0.1, grey), (grey, grey)])

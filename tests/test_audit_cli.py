@@ -13,11 +13,12 @@ from conftest import run_cli, write_recipe
 from PIL import Image
 from test_i2i import MARKER, i2i_recipe
 
-from synthgen.audit_inputs import synthetic_items
-from synthgen.democohort import make_cohort
-from synthgen.outdir import OutDir
-from synthgen.recipe import load_recipe
-from synthgen.runs import generate
+from synthgen.audit.inputs import synthetic_items
+from synthgen.cohort.demo import make_cohort
+from synthgen.output.outdir import OutDir
+from synthgen.output.records import Manifest, ShardEntry
+from synthgen.recipe.schema import load_recipe
+from synthgen.run.generate import generate
 
 
 def test_audit_of_a_strength_sweep_writes_every_report_file(tmp_path):
@@ -73,9 +74,10 @@ def test_synthetic_items_read_each_shard_byte_once_a_row_group_at_a_time(tmp_pat
     out = OutDir(str(tmp_path / "out"))
     shard = io.BytesIO()
     pq.write_table(pa.Table.from_pylist(rows), shard, row_group_size=100)  # groups of 100, 100, 50
-    out.write_atomic("data/0.parquet", shard.getvalue())
-    manifest = {"mode": "t2i", "shards": [{"files": ["data/0.parquet"]}]}
-    out.write_atomic("manifest.json", json.dumps(manifest).encode())
+    out.write_atomic("parquet/train-000000.parquet", shard.getvalue())
+    entry = ShardEntry("train-000000", "train", 0, 250, {"parquet/train-000000.parquet": "-"})
+    manifest = Manifest("t", "t2i", "-", {}, None, 250, {"train": 250}, {}, {}, [], [entry])
+    out.write_atomic("manifest.json", manifest.to_json())
 
     read = []
     opened = out.fs.open

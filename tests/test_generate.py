@@ -14,11 +14,11 @@ import yaml
 from conftest import run_cli, small_recipe, write_recipe
 from PIL import Image
 
-from synthgen.outdir import OutDir
+from synthgen.output.outdir import OutDir
+from synthgen.output.shards import ShardWriter
 from synthgen.plan import SampleSpec, ShardTask
-from synthgen.recipe import recipe_from_dict
-from synthgen.runs import generate
-from synthgen.shards import ShardWriter
+from synthgen.recipe.schema import recipe_from_dict
+from synthgen.run.generate import generate
 
 
 def tars(out: Path) -> list[str]:

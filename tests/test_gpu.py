@@ -12,12 +12,12 @@ import torch
 from conftest import small_recipe
 from diffusers import DDIMScheduler
 
-from synthgen.models import _SD_SCHEDULER, load_pipeline
-from synthgen.plan import build_plan
-from synthgen.recipe import recipe_from_dict
-from synthgen.render import Renderer
-from synthgen.scheduling import SyncFreeDDIMScheduler
-from synthgen.tuning import tune_pipeline
+from synthgen.recipe.schema import recipe_from_dict
+from synthgen.render.ddim import SyncFreeDDIMScheduler
+from synthgen.render.pipeline import _SD_SCHEDULER, load_pipeline
+from synthgen.render.renderer import Renderer
+from synthgen.render.tuning import tune_pipeline
+from synthgen.run.planning import build_plan
 
 pytestmark = [
     pytest.mark.gpu,

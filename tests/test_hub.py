@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import os
 import socket
 import subprocess
@@ -23,7 +22,8 @@ from huggingface_hub.utils import _http as hf_http
 from PIL import Image
 
 from synthgen.errors import OutputError
-from synthgen.hub import bound_hub_timeouts, files_to_upload, push_dataset, token_from_env
+from synthgen.output.hub import bound_hub_timeouts, files_to_upload, push_dataset, token_from_env
+from synthgen.output.records import Manifest
 
 REPO = "synthmed/retina-demo"
 TOKEN = "hf_fake_write_token"
@@ -91,8 +91,9 @@ def make_out(
     (out / "README.md").write_text(CARD + (PRIVACY if privacy else ""))
     (out / "recipe.yaml").write_text("name: retina-demo\nseed: 1\n")
     if complete is not None:
-        manifest = {"complete": complete, "mode": mode, "shards": 1}
-        (out / "manifest.json").write_text(json.dumps(manifest))
+        counts = {"train": 1}
+        manifest = Manifest("retina-demo", mode, "-", {}, None, 1, counts, {}, {}, [], [], complete)
+        (out / "manifest.json").write_bytes(manifest.to_json())
     key = "retina-demo-00000000"
     (out / "webdataset" / "train-000000.tar").write_bytes(
         _tar({f"{key}.png": _png(1), f"{key}.json": b'{"age": 52}', f"{key}.txt": b"retina"})
@@ -297,8 +298,8 @@ def test_a_hub_that_stops_answering_fails_the_push_in_time(tmp_path: Path) -> No
 def test_every_name_synthgen_writes_is_on_the_allow_list() -> None:
     # The allow-list spells out plan.py's shard names and data.py's wids index name: if either
     # format changes, push must not silently leave those files behind.
-    from synthgen.data import WIDS_INDEX
-    from synthgen.hub import ALLOWED_IN_FOLDER
+    from synthgen.output.hub import ALLOWED_IN_FOLDER
+    from synthgen.output.outdir import WIDS_INDEX
     from synthgen.plan import ShardTask
 
     tasks = [ShardTask("train", 0, 0, 1), ShardTask("validation", 12, 0, 1)]

@@ -13,9 +13,9 @@ import webdataset as wds
 import yaml
 from conftest import ROOT, run_cli, write_recipe
 
-from synthgen.democohort import make_cohort, write_table
-from synthgen.recipe import load_recipe
-from synthgen.runs import generate
+from synthgen.cohort.demo import make_cohort, write_table
+from synthgen.recipe.schema import load_recipe
+from synthgen.run.generate import generate
 
 MARKER = "ZQXSENTINEL42"
 
@@ -174,7 +174,7 @@ def test_corrupt_image_is_skipped_and_recorded(tmp_path, cohort):
 def test_a_resume_decodes_only_the_sources_it_renders(tmp_path, cohort, monkeypatch):
     # The cohort was checked when the run started (row 9 skipped then): checking every image
     # again on each resume, or on re-running a complete OUT, is a full pass over the cohort.
-    import synthgen.cohort
+    import synthgen.cohort.rows
 
     recipe_dict = i2i_recipe(corrupt_cohort(tmp_path, cohort), tmp_path / "l.csv")
     recipe_dict["source"]["on_error"] = "skip"
@@ -183,8 +183,10 @@ def test_a_resume_decodes_only_the_sources_it_renders(tmp_path, cohort, monkeypa
     generate(recipe, str(out))
     tars = {p: p.read_bytes() for p in (out / "webdataset").glob("*.tar")}
     reads = []
-    original = synthgen.cohort.read_image
-    monkeypatch.setattr(synthgen.cohort, "read_image", lambda p: reads.append(p) or original(p))
+    original = synthgen.cohort.rows.read_image
+    monkeypatch.setattr(
+        synthgen.cohort.rows, "read_image", lambda p: reads.append(p) or original(p)
+    )
 
     assert generate(recipe, str(out)).already_complete and reads == []
     (out / "manifest.json").unlink()

@@ -15,7 +15,7 @@ from PIL import Image, ImageFile, PngImagePlugin
 from pydicom.dataset import FileDataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from synthgen.imaging import ImageError, preprocess, read_image, to_model_rgb
+from synthgen.cohort.images import ImageError, preprocess, read_image, to_model_rgb
 
 SENTINEL = "SENTINEL-Doe-4711"
 # File names look like real cohort names, so a leak into a message is caught.

@@ -16,7 +16,7 @@ import yaml
 from conftest import ROOT, sample_in_background, sample_lines
 from pydantic import TypeAdapter, ValidationError
 
-from synthgen.labels import LabelSpec, Multilabel, sample_labels
+from synthgen.recipe.labels import LabelSpec, Multilabel, sample_labels
 
 N_DRAWS = 10_000
 Z = 5.0  # allowed distance from the exact value, in standard errors

@@ -8,9 +8,10 @@ import torch
 from lora_files import peft_lora_state, write_kohya_layout, write_peft_layout
 
 from synthgen.errors import ModelError
-from synthgen.modelfiles import check_model_reference
-from synthgen.models import _preset_components, load_pipeline
-from synthgen.recipe import LoraConfig, ModelConfig
+from synthgen.hashing import file_sha256
+from synthgen.recipe.schema import LoraConfig, ModelConfig
+from synthgen.render.model_files import check_model_reference
+from synthgen.render.pipeline import _preset_components, load_pipeline
 
 
 def render(pipe) -> np.ndarray:
@@ -34,12 +35,12 @@ def base_images():
 def test_peft_and_kohya_layouts_load_to_the_same_weights(tmp_path, lora_state, base_images):
     peft = write_peft_layout(lora_state, tmp_path / "peft.safetensors")
     kohya = write_kohya_layout(lora_state, tmp_path / "kohya.safetensors")
-    with_peft, identity = load_pipeline(ModelConfig(base="tiny", lora=LoraConfig(path=str(peft))))
+    with_peft, lora_sha = load_pipeline(ModelConfig(base="tiny", lora=LoraConfig(path=str(peft))))
     with_kohya, _ = load_pipeline(ModelConfig(base="tiny", lora=LoraConfig(path=str(kohya))))
     peft_images, kohya_images = render(with_peft), render(with_kohya)
     assert np.abs(peft_images - base_images).max() > 0.05, "the LoRA must change the output"
     np.testing.assert_allclose(peft_images, kohya_images, atol=1e-5)
-    assert identity.lora_sha256 and len(identity.lora_sha256) == 64
+    assert lora_sha and len(lora_sha) == 64
 
 
 @pytest.mark.parametrize("scale", [1.0, 0.5])
@@ -65,16 +66,16 @@ def test_lora_in_a_directory_with_weight_name(tmp_path, lora_state):
     config = LoraConfig(
         path=str(tmp_path / "synthmed-loras"), weight_name="hpp-retina/lora_weights.safetensors"
     )
-    _, identity = load_pipeline(ModelConfig(base="tiny", lora=config))
-    assert identity.lora_weight_name == "hpp-retina/lora_weights.safetensors"
+    _, lora_sha = load_pipeline(ModelConfig(base="tiny", lora=config))
+    assert lora_sha == file_sha256(folder / "lora_weights.safetensors")
 
 
 def test_local_diffusers_directory_matches_the_preset(tmp_path, base_images):
     pipe, _ = load_pipeline(ModelConfig(base="tiny"))
     pipe.save_pretrained(tmp_path / "tiny-dir")
-    loaded, identity = load_pipeline(ModelConfig(base=str(tmp_path / "tiny-dir")))
+    loaded, lora_sha = load_pipeline(ModelConfig(base=str(tmp_path / "tiny-dir")))
     np.testing.assert_allclose(render(loaded), base_images, atol=1e-6)
-    assert identity.base == str(tmp_path / "tiny-dir")
+    assert lora_sha is None
 
 
 def test_uncached_hub_model_is_one_clear_error():

@@ -15,7 +15,6 @@ from conftest import ROOT, sample_in_background, sample_lines
 
 from synthgen.cli import main
 from synthgen.plan import (
-    build_plan,
     image_seed,
     plan_shards,
     sample_key,
@@ -23,7 +22,8 @@ from synthgen.plan import (
     split_of,
     t2i_spec,
 )
-from synthgen.recipe import Recipe, recipe_from_dict
+from synthgen.recipe.schema import Recipe, recipe_from_dict
+from synthgen.run.planning import build_plan
 
 DEMO_PATH = ROOT / "recipes" / "demo.yaml"
 DEMO = yaml.safe_load(DEMO_PATH.read_text())

@@ -6,34 +6,36 @@ import io
 import math
 
 import numpy as np
-import pandas as pd
 import pytest
 import yaml
 from conftest import ROOT, small_recipe, write_recipe
 from PIL import Image
 
-from synthgen.card import read_label_frame, read_recipe
-from synthgen.democohort import make_cohort
+from synthgen.cohort.demo import make_cohort
 from synthgen.errors import OutputError
-from synthgen.labels import sample_labels
-from synthgen.outdir import OutDir
-from synthgen.preview import (
+from synthgen.output.manifest import label_encodings, merged_label_stats
+from synthgen.output.outdir import OutDir
+from synthgen.output.read import ShardReader
+from synthgen.preview.plots import label_plots, plot_label
+from synthgen.preview.sheet import (
     PAD,
-    _parquet_samples,
-    _tar_samples,
     caption,
+    committed_in_plan_order,
     contact_sheet,
-    label_plots,
-    make_preview,
-    plot_label,
-    plots_markdown,
     preview_from_out,
-    render_first,
     sample_committed,
-    sheet_markdown,
-    write_previews,
 )
-from synthgen.recipe import load_recipe, recipe_from_dict
+from synthgen.recipe.labels import sample_labels
+from synthgen.recipe.schema import load_recipe, recipe_from_dict
+from synthgen.run.finalize import write_previews
+from synthgen.run.preview import make_preview, render_first
+
+
+def committed(out: OutDir, n: int, seed: int = 0):
+    recipe = out.recipe()
+    reader = ShardReader(out, label_encodings(recipe))
+    return sample_committed(reader, recipe, committed_in_plan_order(out), n=n, seed=seed)
+
 
 MARKER = "ZQXSENTINEL42"
 
@@ -54,7 +56,7 @@ def has_ink(sheet: Image.Image, box) -> bool:
 
 def test_sheet_from_out_has_a_captioned_tile_per_sample(generated):
     out = OutDir(str(generated))
-    items = sample_committed(out, read_recipe(out), n=6, seed=0)
+    items = committed(out, n=6)
     assert len(items) == 6
     for _, lines in items:  # t2i: the declared labels, in order, and nothing else
         assert [line.split("=")[0] for line in lines] == ["laterality", "sex", "age", "sbp",
@@ -75,28 +77,30 @@ def test_sheet_from_out_has_a_captioned_tile_per_sample(generated):
 
 def test_out_sampling_is_seeded_and_reads_parquet_and_tars_alike(generated):
     out = OutDir(str(generated))
-    recipe = read_recipe(out)
+    recipe = out.recipe()
     first = preview_from_out(out, n=5, seed=3)
     assert first.tobytes() == preview_from_out(out, n=5, seed=3).tobytes()
     assert first.tobytes() != preview_from_out(out, n=5, seed=4).tobytes()
-    assert len(sample_committed(out, recipe, n=100)) == 20  # never more than there are
-    wanted = [0, 3, 7]
-    from_parquet = list(_parquet_samples(out, recipe, "parquet/train-000000.parquet", wanted))
-    from_tar = list(_tar_samples(out, recipe, "webdataset/train-000000.tar", wanted))
-    assert [s[0] for s in from_tar] == ["unit-00000000", "unit-00000003", "unit-00000007"]
-    for (key_p, image_p, labels_p), (key_t, image_t, labels_t) in zip(from_parquet, from_tar):
-        assert key_p == key_t and image_p == image_t
-        assert caption(recipe, key_p, labels_p) == caption(recipe, key_t, labels_t)
+    assert len(committed(out, n=100)) == 20  # never more than there are
+    wanted = [7, 0, 3]
+    shard = out.committed_records()["train-000000"]
+    tar_only = type(shard)(**{**shard.__dict__, "files": {
+        p: d for p, d in shard.files.items() if p.endswith(".tar")}})  # fmt: skip
+    reader = ShardReader(out, label_encodings(recipe))
+    from_parquet, from_tar = reader.read(shard, wanted), reader.read(tar_only, wanted)
+    assert [s.key for s in from_tar] == ["unit-00000007", "unit-00000000", "unit-00000003"]
+    assert from_parquet == from_tar
+    for sample in from_tar:
+        assert caption(recipe, sample.key, sample.labels)[0].startswith("laterality=")
 
 
 def test_recipe_preview_renders_what_generate_rendered(generated):
     """The same plan, pipeline and Renderer: the first samples' pixels match the dataset's."""
     out = OutDir(str(generated))
-    recipe = read_recipe(out)
-    rendered = render_first(recipe, n=3, device="cpu")
-    committed = sample_committed(out, recipe, n=20)[:3]  # index order: the first three
+    rendered = render_first(out.recipe(), n=3, device="cpu")
+    first = committed(out, n=20)[:3]  # index order: the first three
     assert len(rendered) == 3
-    for (image, lines), (stored, stored_lines) in zip(rendered, committed):
+    for (image, lines), (stored, stored_lines) in zip(rendered, first):
         assert np.array_equal(np.asarray(image), np.asarray(stored.convert("RGB")))
         assert lines == stored_lines
 
@@ -178,8 +182,11 @@ def every_kind_recipe():
 def test_label_plots_write_one_png_per_label_of_every_kind(tmp_path):
     recipe = every_kind_recipe()
     rng = np.random.default_rng(0)
-    frame = pd.DataFrame([sample_labels(recipe.labels, rng) for _ in range(300)])
-    names = label_plots(recipe, frame, tmp_path / "plots")
+    stats = {name: spec.new_stats() for name, spec in recipe.labels.items()}
+    for _ in range(300):
+        for name, value in sample_labels(recipe.labels, rng).items():
+            recipe.labels[name].add_to(stats[name], value)
+    names = label_plots(recipe, stats, OutDir(str(tmp_path / "plots")))
     assert names == [f"labels-{name}.png" for name in recipe.labels]
     for name in names:
         data = (tmp_path / "plots" / name).read_bytes()
@@ -189,23 +196,25 @@ def test_label_plots_write_one_png_per_label_of_every_kind(tmp_path):
         assert Image.open(io.BytesIO(data)).size == (560, 340)
     # Rerunning writes the same bytes (finalize is idempotent); a label with no samples is drawn.
     spec = recipe.labels["age"]
-    assert plot_label("age", spec, frame["age"]) == (tmp_path / "plots/labels-age.png").read_bytes()
+    assert plot_label("age", spec, stats["age"]) == (tmp_path / "plots/labels-age.png").read_bytes()
     for name in ("laterality", "age", "findings"):
-        empty = plot_label(name, recipe.labels[name], pd.Series([], dtype=object))
+        empty = plot_label(name, recipe.labels[name], recipe.labels[name].new_stats())
         assert Image.open(io.BytesIO(empty)).format == "PNG"
 
 
 def test_write_previews_puts_sheet_and_plots_under_previews(fresh_copy):
     out = OutDir(str(fresh_copy))
-    recipe = read_recipe(out)
-    frame = read_label_frame(out, recipe, out.committed_records().values())
-    paths = write_previews(out, recipe, frame)
+    recipe = out.recipe()
+    reader = ShardReader(out, label_encodings(recipe))
+    shards = committed_in_plan_order(out)
+    stats = merged_label_stats(recipe, shards, reader)
+    paths = write_previews(out, recipe, reader, shards, stats)
     assert paths[0] == "previews/preview.png"
     assert paths[1:] == [f"previews/labels-{name}.png" for name in recipe.labels]
     for path in paths:
         assert Image.open(fresh_copy / path).format == "PNG"
     sheet = Image.open(fresh_copy / "previews/preview.png")
     assert sheet.width == PAD + 4 * (160 + PAD)
-    assert sheet_markdown(paths) == "![Samples with their labels](previews/preview.png)\n"
-    assert plots_markdown(paths).count("![labels-") == len(recipe.labels)
-    assert sheet_markdown([]) == "" and plots_markdown([]) == ""
+    card = (fresh_copy / "README.md").read_text()
+    assert "![Samples with their labels](previews/preview.png)\n" in card
+    assert card.count("![labels-") == len(recipe.labels)

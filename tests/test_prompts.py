@@ -10,8 +10,8 @@ import yaml
 
 from synthgen.errors import RecipeError
 from synthgen.plan import prompt_values, t2i_spec
-from synthgen.prompts import render_prompt, template_fields
-from synthgen.recipe import recipe_from_dict
+from synthgen.recipe.prompts import render_prompt, template_fields
+from synthgen.recipe.schema import recipe_from_dict
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = yaml.safe_load((ROOT / "recipes" / "demo.yaml").read_text())

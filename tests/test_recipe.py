@@ -22,7 +22,7 @@ from click.testing import CliRunner
 
 from synthgen.cli import main
 from synthgen.plan import split_of, t2i_spec
-from synthgen.recipe import load_recipe, recipe_from_dict
+from synthgen.recipe.schema import load_recipe, recipe_from_dict
 
 ROOT = Path(__file__).resolve().parents[1]
 SYNTHGEN = ROOT / ".venv" / "bin" / "synthgen"

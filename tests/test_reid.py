@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from synthgen.reid import (
+from synthgen.audit.reid import (
     chance_normalised,
     hanley_mcneil_interval,
     nearest_similarity,

@@ -8,10 +8,10 @@ import pytest
 import torch
 from conftest import small_recipe
 
-from synthgen.models import load_pipeline
 from synthgen.plan import Plan
-from synthgen.recipe import recipe_from_dict
-from synthgen.render import Renderer
+from synthgen.recipe.schema import recipe_from_dict
+from synthgen.render.pipeline import load_pipeline
+from synthgen.render.renderer import Renderer
 
 
 @pytest.fixture(scope="module")

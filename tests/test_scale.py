@@ -288,10 +288,10 @@ def test_killed_pool_resumes_to_the_uninterrupted_dataset(recipe, one_worker, tm
 
 def test_a_claim_killed_mid_write_is_taken_up_again(recipe, tmp_path):
     """A kill inside the very first write (recipe.yaml) leaves its temporary: still ours."""
-    from synthgen.outdir import OutDir
-    from synthgen.plan import build_plan
-    from synthgen.recipe import load_recipe
-    from synthgen.runs import claim_output
+    from synthgen.output.outdir import OutDir
+    from synthgen.recipe.schema import load_recipe
+    from synthgen.run.generate import claim_output
+    from synthgen.run.planning import build_plan
 
     out = tmp_path / "claimed"
     out.mkdir()
@@ -299,7 +299,7 @@ def test_a_claim_killed_mid_write_is_taken_up_again(recipe, tmp_path):
     (out / "recipe.yaml.tmp-0123456789ab").write_text(text[: len(text) // 2])
     loaded = load_recipe(recipe)
     claim_output(OutDir(str(out)), loaded, build_plan(loaded))
-    assert OutDir(str(out)).run_record()["recipe_sha256"] == loaded.sha256()
+    assert OutDir(str(out)).run_record().recipe_sha256 == loaded.sha256()
 
 
 # --- 3. ranks: torchrun-style env, flags, a SLURM array ------------------------------------------
@@ -416,7 +416,7 @@ def test_s3_output_resumes_and_finalizes_like_local(recipe, one_worker, s3_serve
 
 def i2i_recipe(tmp_path: Path) -> Path:
     """16 cohort rows, i2i, shards of 2 (8 shards)."""
-    from synthgen.democohort import make_cohort
+    from synthgen.cohort.demo import make_cohort
 
     cohort = make_cohort(tmp_path / "cohort", rows=16, size=64)
     recipe = yaml.safe_load((ROOT / "recipes" / "demo-i2i.yaml").read_text())
@@ -428,8 +428,8 @@ def i2i_recipe(tmp_path: Path) -> Path:
 
 
 def test_failing_shard_is_retried_reported_and_the_rest_kept(tmp_path):
-    from synthgen.plan import build_plan
-    from synthgen.recipe import load_recipe
+    from synthgen.recipe.schema import load_recipe
+    from synthgen.run.planning import build_plan
 
     recipe = i2i_recipe(tmp_path)
     plan = build_plan(load_recipe(recipe), check_images=False)

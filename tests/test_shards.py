@@ -21,10 +21,11 @@ import webdataset as wds
 from conftest import small_recipe
 from PIL import Image
 
-from synthgen.outdir import OutDir
-from synthgen.plan import SampleSpec, ShardTask, build_plan
-from synthgen.recipe import Recipe, recipe_from_dict
-from synthgen.shards import ShardWriter, encode_image
+from synthgen.output.outdir import OutDir
+from synthgen.output.shards import ShardWriter, encode_image
+from synthgen.plan import SampleSpec, ShardTask
+from synthgen.recipe.schema import Recipe, recipe_from_dict
+from synthgen.run.planning import build_plan
 
 Samples = list[tuple[SampleSpec, Image.Image]]
 

@@ -20,15 +20,15 @@ from diffusers import DDIMScheduler
 from PIL import Image
 from test_i2i import i2i_recipe
 
-from synthgen.cohort import source_image_loader
-from synthgen.democohort import make_cohort
-from synthgen.models import _SD_SCHEDULER, load_pipeline
-from synthgen.plan import build_plan
-from synthgen.recipe import LoraConfig, ModelConfig, recipe_from_dict
-from synthgen.render import Renderer
-from synthgen.runs import generate
-from synthgen.scheduling import SyncFreeDDIMScheduler
-from synthgen.tuning import tune_pipeline
+from synthgen.cohort.demo import make_cohort
+from synthgen.cohort.rows import source_image_loader
+from synthgen.recipe.schema import LoraConfig, ModelConfig, recipe_from_dict
+from synthgen.render.ddim import SyncFreeDDIMScheduler
+from synthgen.render.pipeline import _SD_SCHEDULER, load_pipeline
+from synthgen.render.renderer import Renderer
+from synthgen.render.tuning import tune_pipeline
+from synthgen.run.generate import generate
+from synthgen.run.planning import build_plan
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,113 @@
+"""Source cohorts: read the manifest table, map and check labels, check images, load pixels.
+
+This is the privacy firewall's entry point: from here on only row numbers, declared label values
+and pixels travel. Ids stay in `CohortRow.source_id` for the linkage table, and no message names
+a path or an id — errors say `row N` (the 1-based data row of the manifest).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+
+from PIL import Image
+from tqdm import tqdm
+
+from synthgen.cohort.images import ImageError, preprocess, read_image, to_model_rgb
+from synthgen.cohort.tables import read_table, require_columns, row_labels
+from synthgen.errors import CohortError
+from synthgen.recipe.labels import LabelSpec, LabelValue
+from synthgen.recipe.schema import PreprocessConfig, SourceConfig
+
+
+@dataclass(frozen=True)
+class CohortRow:
+    row: int  # 1-based data row of the manifest: the only way messages refer to a patient
+    source_id: str = field(repr=False)
+    patient_id: str = field(repr=False)
+    image_path: Path = field(repr=False)
+    labels: dict[str, LabelValue] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class SkippedRow:
+    """A cohort row left out under `on_error: skip`, and why (never a cell's content)."""
+
+    row: int
+    reason: str
+
+
+@dataclass(frozen=True)
+class Cohort:
+    rows: list[CohortRow]
+    skipped: list[SkippedRow]
+
+    @cached_property
+    def by_row(self) -> dict[int, CohortRow]:
+        return {row.row: row for row in self.rows}
+
+
+def _wanted_columns(source: SourceConfig) -> dict[str, str]:
+    wanted = {"source.image_column": source.image_column, "source.id_column": source.id_column}
+    if source.patient_column:
+        wanted["source.patient_column"] = source.patient_column
+    wanted.update({f"source.labels.{label}": column for label, column in source.labels.items()})
+    return wanted
+
+
+def load_cohort(
+    source: SourceConfig,
+    labels: dict[str, LabelSpec],
+    *,
+    check_images: bool = True,
+    progress: bool = True,
+) -> Cohort:
+    """Every usable row; unusable ones stop the run (`fail`) or are listed (`skip`)."""
+    table = read_table(source.manifest, where="source.manifest")
+    require_columns(table, _wanted_columns(source))
+    if source.max_rows is not None:
+        table = table.head(source.max_rows)
+    base = Path(source.manifest).parent
+    rows, skipped = [], []
+    records = table.iterrows()
+    if check_images and progress:
+        records = tqdm(records, total=len(table), desc="checking cohort", unit="img", leave=False)
+    for position, (_, record) in enumerate(records, start=1):
+        try:
+            source_id = str(record[source.id_column]).strip()
+            if not source_id:
+                raise ValueError(f"empty {source.id_column}")
+            image_value = str(record[source.image_column]).strip()
+            if not image_value:
+                raise ValueError("empty image path")
+            image_path = base / image_value
+            values = row_labels(record, source.labels, labels)
+            if check_images:
+                read_image(image_path)
+        except (ValueError, ImageError) as exc:
+            if source.on_error == "fail":
+                raise CohortError(
+                    f"{exc} (source.on_error is fail)", where=f"source.manifest row {position}"
+                ) from None
+            skipped.append(SkippedRow(position, str(exc)))
+            continue
+        patient = str(record[source.patient_column]) if source.patient_column else source_id
+        rows.append(CohortRow(position, source_id, patient, image_path, values))
+    if not rows:
+        raise CohortError("no usable rows in the cohort", where="source.manifest")
+    return Cohort(rows, skipped)
+
+
+def source_image_loader(cohort: Cohort, config: PreprocessConfig) -> Callable[[int], Image.Image]:
+    """Load row `n`'s image as the model's square RGB input."""
+
+    def load(row: int) -> Image.Image:
+        try:
+            image = read_image(cohort.by_row[row].image_path)
+        except ImageError as exc:
+            raise CohortError(str(exc), where=f"source.manifest row {row}") from None
+        return to_model_rgb(preprocess(image, config.size, config.fit))
+
+    return load

@@ -1,0 +1,96 @@
+"""Build the manifest from the run's records: counts, versions, label encodings, shard list.
+
+Pure bookkeeping over commit records: no shard byte is read (label statistics come merged from
+the records; only a shard committed by an older synthgen, without them, has its labels read).
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+from collections.abc import Mapping, Sequence
+
+from synthgen import __version__
+from synthgen.errors import OutputError
+from synthgen.output.read import ShardReader
+from synthgen.output.records import Manifest, ModelRecord, RunRecord, ShardRecord
+from synthgen.plan import ShardTask
+from synthgen.recipe.label_stats import LabelStats
+from synthgen.recipe.labels import LabelEncoding
+from synthgen.recipe.schema import Recipe
+
+
+def library_versions() -> dict[str, str]:
+    names = ("torch", "diffusers", "transformers", "peft", "datasets", "webdataset", "pyarrow")
+    versions = {"synthgen": __version__}
+    for name in names:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
+def label_encodings(recipe: Recipe) -> dict[str, LabelEncoding]:
+    """How training code turns each label into a target (read by synthgen.data)."""
+    return {name: spec.encoding() for name, spec in recipe.labels.items()}
+
+
+def committed_in_order(
+    tasks: Sequence[ShardTask], records: Mapping[str, ShardRecord]
+) -> list[ShardRecord]:
+    """The records of every planned shard, in plan order; refuses while any is missing."""
+    missing = [t.name for t in tasks if t.name not in records]
+    if missing:
+        raise OutputError(
+            f"{len(missing)} of {len(tasks)} shards are not committed yet (first: {missing[0]}); "
+            "run `synthgen generate` again to finish them"
+        )
+    return [records[t.name] for t in tasks]
+
+
+def build_manifest(
+    recipe: Recipe, run: RunRecord, shards: Sequence[ShardRecord], model: ModelRecord | None
+) -> Manifest:
+    counts: dict[str, int] = {}
+    by_strength: dict[str, int] = {}
+    for shard in shards:
+        counts[shard.split] = counts.get(shard.split, 0) + shard.count
+        if shard.strength is not None:
+            key = f"{shard.strength:g}"
+            by_strength[key] = by_strength.get(key, 0) + shard.count
+    return Manifest(
+        name=recipe.name,
+        mode=recipe.generation.mode,
+        recipe_sha256=recipe.sha256(),
+        versions=library_versions(),
+        model=model,
+        num_samples=sum(counts.values()),
+        counts=counts,
+        counts_by_strength=by_strength,
+        labels=label_encodings(recipe),
+        skipped=list(run.skipped),
+        shards=[shard.entry() for shard in shards],
+    )
+
+
+def merged_label_stats(
+    recipe: Recipe, shards: Sequence[ShardRecord], reader: ShardReader
+) -> dict[str, LabelStats]:
+    """Each label's statistics over `shards`, merged from their records."""
+    merged = {name: spec.new_stats() for name, spec in recipe.labels.items()}
+    for shard in shards:
+        stats = (
+            shard.labels if set(shard.labels) == set(merged) else _recount(recipe, shard, reader)
+        )
+        for name, total in merged.items():
+            total.merge(stats[name])  # type: ignore[arg-type]
+    return merged
+
+
+def _recount(recipe: Recipe, shard: ShardRecord, reader: ShardReader) -> dict[str, LabelStats]:
+    """Statistics of a shard whose record has none (written by synthgen before 0.2)."""
+    stats = {name: spec.new_stats() for name, spec in recipe.labels.items()}
+    for sample in reader.read(shard, images=False):
+        for name, spec in recipe.labels.items():
+            spec.add_to(stats[name], sample.labels[name])
+    return stats

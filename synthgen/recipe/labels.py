@@ -1,0 +1,461 @@
+"""Label kinds: how each is declared, drawn, checked, stored, encoded for training and summarised.
+
+Everything that differs between kinds lives on the kind, so a new distribution is one class here
+and no `isinstance` ladder elsewhere. Each draw takes its randomness from the Generator it is
+given, so the caller decides what it depends on (the plan seeds one per sample from the recipe
+seed and the sample index).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from statistics import NormalDist
+from typing import Annotated, Any, ClassVar, Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from synthgen.errors import FieldError
+from synthgen.recipe.label_stats import Counts, LabelStats, Moments
+
+LabelValue = str | int | float | list[str]
+LABEL_KINDS = ("categorical", "uniform", "normal", "constant", "multilabel")
+# How a label's Parquet column is typed: a class index, a number, text, or a list of texts.
+Storage = Literal["class", "int64", "float64", "bool", "string", "list<string>"]
+SummaryRow = tuple[str, str, str]  # (category, finding or statistic; asked; drawn)
+
+
+@dataclass(frozen=True)
+class LabelEncoding:
+    """How training code turns a label into a target; `manifest.json` records one per label.
+
+    categorical → class index; multilabel → multi-hot over `names`; numeric → the number;
+    constant → nothing (there is nothing to learn from it).
+    """
+
+    kind: Literal["categorical", "multilabel", "numeric", "constant"]
+    names: tuple[str, ...] | None = None
+    none: str | None = None
+
+    def target(self, value: Any) -> int | list[float] | float | None:
+        if self.kind == "categorical":
+            return self.index(value)
+        if self.kind == "multilabel":
+            hot = [0.0] * len(self.names or ())
+            for finding in value:
+                hot[self.index(finding)] = 1.0
+            return hot
+        if self.kind == "numeric":
+            return float(value)
+        return None
+
+    def from_stored(self, cell: Any) -> Any:
+        """The label value from its Parquet cell: a class index becomes its name."""
+        if self.kind == "categorical":
+            return (self.names or ())[int(cell)]
+        if self.kind == "multilabel":
+            return [str(finding) for finding in cell]
+        return cell
+
+    def index(self, value: str) -> int:
+        names = self.names or ()
+        if value not in names:
+            raise ValueError(f"'{value}' is not one of {', '.join(names)}")
+        return names.index(value)
+
+    @property
+    def width(self) -> int | None:
+        """Output units a model head needs: classes, names, 1 for a number, None for nothing."""
+        if self.kind in ("categorical", "multilabel"):
+            return len(self.names or ())
+        return 1 if self.kind == "numeric" else None
+
+    def to_json(self) -> dict[str, Any]:
+        data: dict[str, Any] = {"kind": self.kind}
+        if self.names is not None:
+            data["names"] = list(self.names)
+        if self.none is not None:
+            data["none"] = self.none
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> LabelEncoding:
+        names = data.get("names")
+        return cls(data["kind"], tuple(names) if names is not None else None, data.get("none"))
+
+
+class _Label(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    def prompt_form(self, value: LabelValue) -> object:
+        """The value as a prompt template shows it."""
+        return value
+
+    def to_stored(self, value: LabelValue) -> object:
+        """The Parquet cell of a value (a categorical is stored as its class index; its
+        `LabelEncoding.from_stored` reads it back)."""
+        return value
+
+    def caption(self, value: LabelValue) -> str:
+        """The value as a preview caption shows it."""
+        return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+class Categorical(_Label):
+    dist: Literal["categorical"]
+    values: dict[str, float]
+
+    storage: ClassVar[Storage] = "class"
+
+    @model_validator(mode="after")
+    def _positive_weights(self) -> Categorical:
+        if not self.values:
+            raise FieldError("values", "values must name at least one category")
+        for value, weight in self.values.items():
+            if not weight > 0:
+                raise FieldError(
+                    f"values.{value}", f"weight of '{value}' is {weight}; weights must be positive"
+                )
+        return self
+
+    def probabilities(self) -> dict[str, float]:
+        total = sum(self.values.values())
+        return {value: weight / total for value, weight in self.values.items()}
+
+    def sample(self, rng: np.random.Generator) -> str:
+        names = list(self.values)
+        return names[int(rng.choice(len(names), p=list(self.probabilities().values())))]
+
+    def describe(self) -> str:
+        return ", ".join(f"{v}: {p:.3g}" for v, p in self.probabilities().items())
+
+    def check(self, value: object) -> str:
+        if str(value) not in self.values:
+            raise ValueError(f"'{value}' is not one of {', '.join(self.values)}")
+        return str(value)
+
+    def to_stored(self, value: LabelValue) -> int:
+        return list(self.values).index(value)  # type: ignore[arg-type]
+
+    def encoding(self) -> LabelEncoding:
+        return LabelEncoding("categorical", tuple(self.values))
+
+    def new_stats(self) -> Counts:
+        return Counts()
+
+    def add_to(self, stats: LabelStats, value: LabelValue) -> None:
+        stats.add(str(value))  # type: ignore[arg-type]
+
+    def asked_shares(self) -> dict[str, float]:
+        return self.probabilities()
+
+    def summary(self, stats: LabelStats) -> list[SummaryRow]:
+        return [(v, f"{p:.3f}", f"{stats.share(v):.3f}") for v, p in self.probabilities().items()]  # type: ignore[union-attr]
+
+
+class _Numeric(_Label):
+    dtype: Literal["int", "float"] = "float"
+
+    @property
+    def storage(self) -> Storage:  # type: ignore[override]
+        return "int64" if self.dtype == "int" else "float64"
+
+    def _cast(self, x: float) -> int | float:
+        return int(round(x)) if self.dtype == "int" else float(x)
+
+    def bounds(self) -> tuple[float, float]:
+        """The declared [min, max] (infinite where a normal leaves a side open)."""
+        raise NotImplementedError
+
+    def sampling_bounds(self) -> tuple[float, float]:
+        """The interval the sampler draws from: for integers, half a unit wider on each side,
+        so rounding keeps every bound value in with its proper share of mass."""
+        low, high = self.bounds()
+        if self.dtype == "int":
+            low = math.ceil(low) - 0.5 if math.isfinite(low) else low
+            high = math.floor(high) + 0.5 if math.isfinite(high) else high
+        return low, high
+
+    def _check_integer_room(self) -> None:
+        low, high = self.bounds()
+        if self.dtype == "int" and math.isfinite(low) and math.isfinite(high):
+            if math.ceil(low) > math.floor(high):
+                raise FieldError("min", f"no integer lies in [{low:g}, {high:g}]")
+
+    def check(self, value: object) -> int | float:
+        try:
+            number = float(value)  # type: ignore[arg-type]
+        except (TypeError, ValueError):
+            raise ValueError(f"'{value}' is not a number") from None
+        low, high = self.bounds()
+        if math.isnan(number) or not low <= number <= high:
+            raise ValueError(f"{value} is outside [{low:g}, {high:g}]")
+        return self._cast(number)
+
+    def encoding(self) -> LabelEncoding:
+        return LabelEncoding("numeric")
+
+    def moments(self) -> tuple[float, float]:
+        """Mean and standard deviation of what a correct sampler yields."""
+        raise NotImplementedError
+
+    def density(self, x: np.ndarray) -> np.ndarray:
+        """The density the sampler draws from (integers: the continuous law before rounding)."""
+        raise NotImplementedError
+
+    def plot_range(self) -> tuple[float, float]:
+        """Where the mass is: the bounds, or mean ± 4 std where a normal is open."""
+        return self.bounds()
+
+    def histogram_edges(self) -> list[float]:
+        """Fixed bin edges, from the declaration alone, so shards' histograms add up."""
+        low, high = self.plot_range()
+        if self.dtype == "int":
+            low, high = math.floor(low), math.ceil(high)
+            step = max(1, math.ceil((high - low + 1) / 40))
+            return [low - 0.5 + step * i for i in range(math.ceil((high - low + 1) / step) + 1)]
+        if high <= low:
+            high = low + 1
+        return [low + (high - low) * i / 40 for i in range(41)]
+
+    def new_stats(self) -> Moments:
+        return Moments(self.histogram_edges())
+
+    def add_to(self, stats: LabelStats, value: LabelValue) -> None:
+        stats.add(value)  # type: ignore[arg-type]
+
+    def summary(self, stats: LabelStats) -> list[SummaryRow]:
+        mean, std = self.moments()
+        low, high = self.bounds()
+        drawn: Moments = stats  # type: ignore[assignment]
+        return [
+            ("mean", f"{mean:.2f}", f"{drawn.mean:.2f}"),
+            ("std", f"{std:.2f}", f"{drawn.std:.2f}"),
+            ("min", f"{low:g}", f"{drawn.low if drawn.n else math.nan:g}"),
+            ("max", f"{high:g}", f"{drawn.high if drawn.n else math.nan:g}"),
+        ]
+
+
+class Uniform(_Numeric):
+    dist: Literal["uniform"]
+    min: float
+    max: float
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Uniform:
+        if self.min > self.max:
+            raise FieldError("min", f"min ({self.min:g}) is greater than max ({self.max:g})")
+        self._check_integer_room()
+        return self
+
+    def bounds(self) -> tuple[float, float]:
+        return self.min, self.max
+
+    def sample(self, rng: np.random.Generator) -> int | float:
+        if self.dtype == "int":
+            return int(rng.integers(math.ceil(self.min), math.floor(self.max) + 1))
+        return float(rng.uniform(self.min, self.max))
+
+    def describe(self) -> str:
+        return f"uniform on [{self.min:g}, {self.max:g}] ({self.dtype})"
+
+    def moments(self) -> tuple[float, float]:
+        return (self.min + self.max) / 2, (self.max - self.min) / math.sqrt(12)
+
+    def density(self, x: np.ndarray) -> np.ndarray:
+        low, high = self.sampling_bounds()
+        if high <= low:
+            return np.zeros_like(x)
+        return np.where((x >= low) & (x <= high), 1.0 / (high - low), 0.0)
+
+
+class Normal(_Numeric):
+    dist: Literal["normal"]
+    mean: float
+    std: float
+    min: float | None = None
+    max: float | None = None
+
+    @model_validator(mode="after")
+    def _valid(self) -> Normal:
+        if not self.std > 0:
+            raise FieldError("std", f"std is {self.std:g}; it must be greater than 0")
+        low, high = self.bounds()
+        if low > high:
+            raise FieldError("min", f"min ({low:g}) is greater than max ({high:g})")
+        self._check_integer_room()
+        low, high = self.sampling_bounds()  # for integers, the mass that rounds into [min, max]
+        dist = NormalDist(self.mean, self.std)
+        if dist.cdf(high) - dist.cdf(low) < 1e-9:
+            raise FieldError("max", "[min, max] holds no probability mass of this normal")
+        return self
+
+    def bounds(self) -> tuple[float, float]:
+        low = -math.inf if self.min is None else self.min
+        high = math.inf if self.max is None else self.max
+        return low, high
+
+    def sample(self, rng: np.random.Generator) -> int | float:
+        # Exact truncation by inverse CDF: clipping would pile probability mass on the bounds.
+        dist = NormalDist(self.mean, self.std)
+        low, high = self.sampling_bounds()
+        u = float(rng.uniform(dist.cdf(low), dist.cdf(high)))
+        x = min(max(dist.inv_cdf(min(max(u, 1e-300), 1 - 1e-16)), low), high)
+        if self.dtype == "int":
+            return int(min(max(round(x), low + 0.5), high - 0.5))
+        return float(x)
+
+    def describe(self) -> str:
+        low, high = self.bounds()
+        bounds = (
+            f", truncated to [{low:g}, {high:g}]" if (self.min, self.max) != (None, None) else ""
+        )
+        return f"normal(mean={self.mean:g}, std={self.std:g}){bounds} ({self.dtype})"
+
+    def moments(self) -> tuple[float, float]:
+        """Mean and std of the normal truncated to [min, max]."""
+        unit = NormalDist()
+        low, high = self.bounds()
+        a, b = (low - self.mean) / self.std, (high - self.mean) / self.std
+        mass = unit.cdf(b) - unit.cdf(a)
+        pdf_a = unit.pdf(a) if math.isfinite(a) else 0.0
+        pdf_b = unit.pdf(b) if math.isfinite(b) else 0.0
+        shift = (pdf_a - pdf_b) / mass
+        term_a = a * pdf_a if math.isfinite(a) else 0.0
+        term_b = b * pdf_b if math.isfinite(b) else 0.0
+        variance = 1 + (term_a - term_b) / mass - shift**2
+        return self.mean + self.std * shift, self.std * math.sqrt(variance)
+
+    def density(self, x: np.ndarray) -> np.ndarray:
+        low, high = self.sampling_bounds()
+        dist = NormalDist(self.mean, self.std)
+        mass = dist.cdf(high) - dist.cdf(low)
+        inside = (x >= low) & (x <= high)
+        return np.array([dist.pdf(v) / mass if ok else 0.0 for v, ok in zip(x, inside)])
+
+    def plot_range(self) -> tuple[float, float]:
+        low, high = self.bounds()
+        return max(low, self.mean - 4 * self.std), min(high, self.mean + 4 * self.std)
+
+
+class Constant(_Label):
+    dist: Literal["constant"]
+    value: int | float | str
+
+    def sample(self, rng: np.random.Generator) -> int | float | str:
+        return self.value
+
+    def describe(self) -> str:
+        return f"always {self.value}"
+
+    def check(self, value: object) -> int | float | str:
+        if str(value) != str(self.value):
+            raise ValueError(f"'{value}' differs from the constant {self.value}")
+        return self.value
+
+    @property
+    def storage(self) -> Storage:  # type: ignore[override]
+        return {bool: "bool", int: "int64", float: "float64"}.get(type(self.value), "string")  # type: ignore[return-value]
+
+    def encoding(self) -> LabelEncoding:
+        return LabelEncoding("constant")
+
+    def new_stats(self) -> Counts:
+        return Counts()
+
+    def add_to(self, stats: LabelStats, value: LabelValue) -> None:
+        stats.add(str(value))  # type: ignore[arg-type]
+
+    def asked_shares(self) -> dict[str, float]:
+        return {str(self.value): 1.0}
+
+    def summary(self, stats: LabelStats) -> list[SummaryRow]:
+        share = stats.share(str(self.value))  # type: ignore[union-attr]
+        return [(str(self.value), "1.000", f"{share:.3f}")]
+
+
+class Multilabel(_Label):
+    dist: Literal["multilabel"]
+    values: dict[str, float]
+    none: str = "no finding"
+    max_labels: int | None = Field(None, ge=1)
+    join: str = ", "
+
+    storage: ClassVar[Storage] = "list<string>"
+
+    @model_validator(mode="after")
+    def _probabilities(self) -> Multilabel:
+        if not self.values:
+            raise FieldError("values", "values must name at least one finding")
+        for value, p in self.values.items():
+            if not 0 < p <= 1:
+                raise FieldError(
+                    f"values.{value}", f"probability of '{value}' is {p}; it must be in (0, 1]"
+                )
+        if self.none in self.values:
+            raise FieldError("none", f"none value '{self.none}' is also listed in values")
+        return self
+
+    def sample(self, rng: np.random.Generator) -> list[str]:
+        names = list(self.values)
+        hits = rng.random(len(names)) < np.array([self.values[n] for n in names])
+        drawn = [n for n, hit in zip(names, hits) if hit]
+        if self.max_labels is not None and len(drawn) > self.max_labels:
+            keep = sorted(rng.choice(len(drawn), self.max_labels, replace=False))
+            drawn = [drawn[i] for i in keep]
+        return drawn
+
+    def as_text(self, drawn: list[str]) -> str:
+        return self.join.join(drawn) if drawn else self.none
+
+    def prompt_form(self, value: LabelValue) -> object:
+        return self.as_text(value)  # type: ignore[arg-type]
+
+    def caption(self, value: LabelValue) -> str:
+        return value if isinstance(value, str) else self.as_text([str(f) for f in value])
+
+    def describe(self) -> str:
+        rates = ", ".join(f"{v}: {p:.3g}" for v, p in self.values.items())
+        cap = f", at most {self.max_labels}" if self.max_labels else ""
+        return f"independent findings ({rates}){cap}; '{self.none}' when none"
+
+    def check(self, value: object) -> list[str]:
+        if isinstance(value, str):
+            parts = [] if value.strip() == self.none else value.split(self.join.strip() or ",")
+            value = [p.strip() for p in parts if p.strip()]
+        drawn = list(value)  # type: ignore[call-overload]
+        for finding in drawn:
+            if finding not in self.values:
+                raise ValueError(f"'{finding}' is not one of {', '.join(self.values)}")
+        return drawn
+
+    def encoding(self) -> LabelEncoding:
+        return LabelEncoding("multilabel", tuple(self.values), self.none)
+
+    def new_stats(self) -> Counts:
+        return Counts()
+
+    def add_to(self, stats: LabelStats, value: LabelValue) -> None:
+        stats.add(*(value or [self.none]))  # type: ignore[arg-type]
+
+    def asked_shares(self) -> dict[str, float]:
+        # Findings are independent draws, so "none" has probability prod(1 - p); a cap never
+        # empties a draw.
+        none = float(np.prod([1 - p for p in self.values.values()]))
+        return {**self.values, self.none: none}
+
+    def summary(self, stats: LabelStats) -> list[SummaryRow]:
+        rows = [(v, f"{p:.3f}", f"{stats.share(v):.3f}") for v, p in self.values.items()]  # type: ignore[union-attr]
+        return [*rows, (self.none, "-", f"{stats.share(self.none):.3f}")]  # type: ignore[union-attr]
+
+
+LabelSpec = Annotated[
+    Categorical | Uniform | Normal | Constant | Multilabel, Field(discriminator="dist")
+]
+CountedLabel = Categorical | Constant | Multilabel  # summarised by Counts, plotted as bars
+
+
+def sample_labels(labels: dict[str, LabelSpec], rng: np.random.Generator) -> dict[str, LabelValue]:
+    """Draw every label in declaration order from one Generator."""
+    return {name: spec.sample(rng) for name, spec in labels.items()}

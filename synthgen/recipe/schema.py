@@ -1,0 +1,338 @@
+"""Recipe schema: load a YAML recipe, validate it, and hash it.
+
+Every mistake becomes a `RecipeError` naming the file and the YAML field path, so the CLI can print
+one line instead of a traceback.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import numpy as np
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from synthgen.errors import FieldError, RecipeError
+from synthgen.recipe.labels import LABEL_KINDS, LabelSpec
+from synthgen.recipe.prompts import render_prompt, template_fields
+
+REDACTED = "<redacted: protected path>"
+PRESETS = ("tiny", "sd14-random")  # built-in models, made offline in synthgen.render.pipeline
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+# (section, field) of every path to real patients' data: made absolute on load, redacted in OUT.
+PROTECTED_PATHS = (("source", "manifest"), ("privacy", "linkage"), ("labels_from", "table"))
+
+
+def looks_local(path: str) -> bool:
+    """A path the user means as a file (not a Hub repo id `org/name`)."""
+    return path.startswith((".", "/", "~")) or path.endswith(".safetensors") or path.count("/") > 1
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class LoraConfig(Strict):
+    path: str
+    weight_name: str | None = None
+    scale: float = 1.0
+
+    @model_validator(mode="after")
+    def _safetensors_only(self) -> LoraConfig:
+        for field, value in (("path", self.path), ("weight_name", self.weight_name)):
+            if value and value.lower().endswith(PICKLE_SUFFIXES):
+                raise FieldError(
+                    field,
+                    f"'{value}' is a pickle checkpoint, which can run arbitrary code; "
+                    "convert it to .safetensors",
+                )
+        return self
+
+
+class ModelConfig(Strict):
+    base: str = "tiny"
+    revision: str | None = None
+    lora: LoraConfig | None = None
+    scheduler: Literal["ddim", "pndm", "euler", "dpm"] = "ddim"
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    compile: bool = False  # torch.compile the UNet: pays off over hundreds of images on a GPU
+
+
+class GenerationConfig(Strict):
+    mode: Literal["t2i", "i2i"] = "t2i"
+    strength: float | list[float] | None = None
+    repeats: int = Field(1, ge=1, le=100)
+    steps: int = Field(50, ge=1, le=1000)
+    guidance_scale: float = Field(7.5, ge=0)
+    negative_prompt: str | None = None
+    height: int = Field(512, ge=8, le=4096, multiple_of=8)
+    width: int = Field(512, ge=8, le=4096, multiple_of=8)
+    batch_size: int = Field(8, ge=1, le=1024)
+
+    @model_validator(mode="after")
+    def _strengths(self) -> GenerationConfig:
+        if self.mode == "t2i":
+            if self.strength is not None or self.repeats != 1:
+                raise FieldError("strength", "strength and repeats apply to mode i2i only")
+            return self
+        values = self.strengths()
+        if not values:
+            raise FieldError("strength", "mode i2i needs a strength (a number or a list)")
+        if len(set(values)) != len(values):
+            raise FieldError("strength", "strength lists a value twice")
+        for value in values:
+            if not 0 < value <= 1:
+                raise FieldError("strength", f"strength {value} must be in (0, 1]")
+            if int(self.steps * value) < 1:  # diffusers denoises int(steps × strength) steps
+                raise FieldError(
+                    "strength", f"strength {value} × {self.steps} steps leaves no denoising step"
+                )
+        return self
+
+    def strengths(self) -> list[float]:
+        if self.strength is None:
+            return []
+        return list(self.strength) if isinstance(self.strength, list) else [self.strength]
+
+
+class PreprocessConfig(Strict):
+    size: int = Field(512, ge=8, le=4096, multiple_of=8)
+    fit: Literal["center_crop", "pad", "resize"] = "center_crop"
+
+
+class SourceConfig(Strict):
+    """A real cohort for i2i: a table of image paths (relative to the table) and metadata."""
+
+    manifest: str
+    image_column: str
+    id_column: str
+    patient_column: str | None = None
+    labels: dict[str, str] = {}
+    preprocess: PreprocessConfig = PreprocessConfig()
+    on_error: Literal["fail", "skip"] = "fail"
+    max_rows: int | None = Field(None, ge=1)
+
+
+class LabelsFromConfig(Strict):
+    """T2I labels drawn by resampling rows of a real metadata table (keeps the joint)."""
+
+    table: str
+    columns: dict[str, str]
+
+
+class PrivacyConfig(Strict):
+    linkage: str
+
+
+class OutputConfig(Strict):
+    formats: list[Literal["webdataset", "parquet"]] = ["webdataset", "parquet"]
+    grayscale: bool = False
+    image_format: Literal["png", "jpg", "webp"] = "png"
+    jpeg_quality: int = Field(95, ge=1, le=100)
+    png_compress_level: int = Field(1, ge=0, le=9)
+
+    @field_validator("formats")
+    @classmethod
+    def _not_empty(cls, formats: list[str]) -> list[str]:
+        if not formats:
+            raise ValueError("at least one format is needed")
+        return formats
+
+
+class Recipe(Strict):
+    name: Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9_-]*$", max_length=64)]
+    description: str = ""
+    license: str = "cc-by-4.0"
+    seed: int = Field(0, ge=0, lt=2**63)
+    num_samples: int | None = Field(None, ge=1)
+    shard_size: int = Field(1000, ge=1)
+    splits: dict[str, float] = {"train": 1.0}
+    model: ModelConfig = ModelConfig()
+    generation: GenerationConfig = GenerationConfig()
+    prompt: str
+    labels: dict[str, LabelSpec] = {}
+    labels_from: LabelsFromConfig | None = None
+    source: SourceConfig | None = None
+    privacy: PrivacyConfig | None = None
+    output: OutputConfig = OutputConfig()
+
+    @field_validator("splits")
+    @classmethod
+    def _valid_splits(cls, splits: dict[str, float]) -> dict[str, float]:
+        if not splits:
+            raise ValueError("at least one split is needed")
+        for split, share in splits.items():
+            if not re.fullmatch(r"[a-z][a-z0-9_]*", split):
+                raise ValueError(f"split name '{split}' must be lowercase letters, digits, _")
+            if share <= 0:
+                raise ValueError(f"split '{split}' has share {share}; shares must be positive")
+        total = sum(splits.values())
+        if abs(total - 1.0) > 1e-6:
+            raise ValueError(f"split shares add up to {total:g}, not 1")
+        return splits
+
+    @field_validator("labels")
+    @classmethod
+    def _label_names(cls, labels: dict[str, LabelSpec]) -> dict[str, LabelSpec]:
+        reserved = {"key", "image", "prompt", "mode", "seed", "steps", "guidance_scale", "strength"}
+        for name in labels:
+            if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
+                raise ValueError(f"label name '{name}' must be an identifier")
+            if name in reserved:
+                raise ValueError(f"label name '{name}' is reserved for a dataset column")
+        return labels
+
+    @model_validator(mode="after")
+    def _mode_fits(self) -> Recipe:
+        if self.generation.mode == "t2i":
+            if self.num_samples is None:
+                raise FieldError("num_samples", "num_samples is required for mode t2i")
+            if self.source is not None:
+                raise FieldError("source", "source applies to mode i2i; set generation.mode: i2i")
+        else:
+            if self.source is None:
+                raise FieldError("source", "mode i2i needs a source cohort (source.manifest …)")
+            if self.num_samples is not None:
+                raise FieldError(
+                    "num_samples",
+                    "an i2i recipe takes its sample count from the cohort; remove num_samples "
+                    "(use --num-samples on the command line for a trial run)",
+                )
+            if self.privacy is None:
+                raise FieldError(
+                    "privacy.linkage",
+                    "mode i2i needs privacy.linkage: where the key → source id table goes",
+                )
+            unmapped = [name for name in self.labels if name not in self.source.labels]
+            if unmapped:
+                raise FieldError("source.labels", f"label '{unmapped[0]}' has no cohort column")
+            extra = [name for name in self.source.labels if name not in self.labels]
+            if extra:
+                raise FieldError("source.labels", f"'{extra[0]}' is not a declared label")
+        if self.labels_from is not None:
+            missing = [name for name in self.labels if name not in self.labels_from.columns]
+            extra = [name for name in self.labels_from.columns if name not in self.labels]
+            if missing or extra:
+                raise FieldError("labels_from.columns", "must map exactly the declared labels")
+        return self
+
+    @model_validator(mode="after")
+    def _prompt_names_known_labels(self) -> Recipe:
+        try:
+            names = template_fields(self.prompt)
+        except ValueError as exc:
+            raise FieldError("prompt", str(exc)) from None
+        for name in names:
+            if name not in self.labels:
+                known = ", ".join(sorted(self.labels)) or "none"
+                raise FieldError(
+                    "prompt",
+                    f"the template names '{{{name}}}', which is not a label (labels: {known})",
+                )
+        # A label's type is fixed by its declaration: one trial fill catches a spec it cannot take.
+        rng = np.random.default_rng(0)
+        trial = {name: spec.prompt_form(spec.sample(rng)) for name, spec in self.labels.items()}
+        try:
+            render_prompt(self.prompt, trial)
+        except (ValueError, TypeError) as exc:
+            raise FieldError("prompt", f"cannot be filled in: {exc}") from None
+        return self
+
+    def sha256(self) -> str:
+        """Hash of the validated recipe, so reformatting the YAML does not change it."""
+        # Key order is kept: the order of labels, categories and splits changes the samples.
+        canonical = json.dumps(self.model_dump(mode="json"), separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json", exclude_none=True), sort_keys=False)
+
+    def _map_protected_paths(self, change: Callable[[str], str]) -> dict[str, Any]:
+        """`change` applied to every path that points at real patients' data."""
+        changes: dict[str, Any] = {}
+        for section, field in PROTECTED_PATHS:
+            config = getattr(self, section)
+            if config is not None:
+                changes[section] = config.model_copy(update={field: change(getattr(config, field))})
+        return changes
+
+    def shareable(self) -> Recipe:
+        """The recipe as written into OUT: cohort and linkage paths are protected information."""
+        return self.model_copy(update=self._map_protected_paths(lambda _: REDACTED))
+
+    def resolve_paths(self, base: Path) -> Recipe:
+        """Make local model, LoRA, cohort and linkage paths absolute, from the recipe's folder."""
+
+        def absolute(value: str) -> str:
+            return value if "://" in value else str((base / Path(value).expanduser()).resolve())
+
+        changes = self._map_protected_paths(absolute)
+        model = self.model
+        if model.base not in PRESETS and looks_local(model.base):
+            model = model.model_copy(update={"base": absolute(model.base)})
+        if model.lora is not None and looks_local(model.lora.path):
+            model = model.model_copy(
+                update={"lora": model.lora.model_copy(update={"path": absolute(model.lora.path)})}
+            )
+        changes["model"] = model
+        return self.model_copy(update=changes)
+
+
+def _field_path(loc: tuple[Any, ...]) -> str:
+    # pydantic puts the union's tag in the location (labels.age.normal.std); users wrote labels.age.std
+    parts = [str(part) for part in loc]
+    if len(parts) > 2 and parts[0] == "labels" and parts[2] in LABEL_KINDS:
+        del parts[2]
+    return ".".join(parts)
+
+
+def recipe_from_dict(data: Any, file: str = "<recipe>") -> Recipe:
+    if not isinstance(data, dict):
+        raise RecipeError("the recipe must be a YAML mapping of fields", file=file)
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        where = _field_path(error["loc"]) or None
+        cause = error.get("ctx", {}).get("error")
+        if isinstance(cause, FieldError):
+            where = f"{where}.{cause.field}" if where else cause.field
+        message = error["msg"].removeprefix("Value error, ")
+        if error["type"] == "extra_forbidden":
+            message = "unknown field"
+        elif error["type"] == "missing":
+            message = "required field is missing"
+        raise RecipeError(message, file=file, where=where) from None
+
+
+def load_recipe(path: str | Path, num_samples: int | None = None) -> Recipe:
+    """Read and validate a recipe. `num_samples` overrides the count for a trial run: the
+    number of samples for t2i, the number of cohort rows (from the top) for i2i."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise RecipeError("file not found", file=str(path)) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise RecipeError(
+            f"cannot read the file ({exc.__class__.__name__})", file=str(path)
+        ) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}" if mark else None
+        problem = getattr(exc, "problem", None) or "invalid YAML"
+        raise RecipeError(f"YAML syntax error: {problem}", file=str(path), where=where) from None
+    if num_samples is not None and isinstance(data, dict):
+        generation = data.get("generation") or {}
+        if isinstance(generation, dict) and generation.get("mode") == "i2i":
+            data = {**data, "source": {**(data.get("source") or {}), "max_rows": num_samples}}
+        else:
+            data = {**data, "num_samples": num_samples}
+    return recipe_from_dict(data, file=str(path)).resolve_paths(path.parent)

@@ -1,0 +1,88 @@
+"""Worker: load the pipeline once, then render and commit the shards it is handed.
+
+Joins rendering (synthgen.render) and writing (synthgen.output), which never import each other.
+Knows nothing about processes, ranks or Ray: an executor decides which shards it gets.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+
+from synthgen.cohort.rows import source_image_loader
+from synthgen.output.outdir import MODEL_RECORD, OutDir
+from synthgen.output.records import ModelRecord, ShardRecord
+from synthgen.output.shards import ShardWriter
+from synthgen.plan import Plan, ShardTask
+from synthgen.render.pipeline import load_pipeline
+from synthgen.render.renderer import Renderer
+from synthgen.render.tuning import tune_pipeline
+from synthgen.run.executors import Progress
+
+
+class Worker:
+    def __init__(self, plan: Plan, out: OutDir, device: str = "cpu"):
+        recipe = plan.recipe
+        if device == "cpu":
+            # CPU kernels split their sums by thread count: a fixed count keeps every executor,
+            # worker count and resume byte-identical (SYNTHGEN_CPU_THREADS, default 1).
+            torch.set_num_threads(int(os.environ.get("SYNTHGEN_CPU_THREADS", "1")))
+        self.plan = plan
+        self.out = out
+        started = time.perf_counter()
+        pipe, lora_sha = load_pipeline(recipe.model, mode=recipe.generation.mode, device=device)
+        tune_pipeline(pipe, device, compile_unet=recipe.model.compile)
+        self.load_seconds = time.perf_counter() - started
+        load_source = None
+        if plan.cohort is not None:
+            load_source = source_image_loader(plan.cohort, recipe.source.preprocess)
+        self.renderer = Renderer(pipe, recipe.generation, device, load_source)
+        self.compile_seconds = 0.0  # reported once, with the first shard this worker commits
+        if recipe.model.compile:
+            started = time.perf_counter()
+            self.renderer.warm_up(plan.specs(plan.tasks[0])[0])
+            self.compile_seconds = time.perf_counter() - started
+        self.writer = ShardWriter(out, recipe)
+        if not out.exists(MODEL_RECORD):
+            out.write_atomic(
+                MODEL_RECORD, ModelRecord.from_config(recipe.model, lora_sha).to_json()
+            )
+
+    def close(self) -> None:
+        """Stop the encoder and source-reading threads."""
+        self.writer.close()
+        self.renderer.close()
+
+    def run_shard(self, task: ShardTask, progress: Progress | None = None) -> ShardRecord:
+        specs = self.plan.specs(task)
+        timings = {"render": 0.0}
+        if self.compile_seconds:
+            timings["compile"], self.compile_seconds = self.compile_seconds, 0.0
+
+        def rendered():
+            last, read_before = time.perf_counter(), self.renderer.source_seconds
+            for spec, image in self.renderer.render(specs):
+                timings["render"] += time.perf_counter() - last
+                if progress:
+                    progress(1)
+                yield spec, image
+                last = time.perf_counter()
+            if self.plan.cohort is not None:  # reader-thread seconds, beside the rendering
+                timings["source_read"] = self.renderer.source_seconds - read_before
+
+        return self.writer.write(task, rendered(), seconds=timings)
+
+
+@dataclass(frozen=True)
+class WorkerFactory:
+    """What an executor is handed: picklable, so a spawned process or a Ray actor builds its own
+    worker where it runs."""
+
+    plan: Plan
+    out_url: str
+
+    def __call__(self, device: str) -> Worker:
+        return Worker(self.plan, OutDir(self.out_url), device)
