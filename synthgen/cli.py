@@ -92,6 +92,8 @@ def sample(recipe: Path, count: int, start: int) -> None:
                 "prompt": spec.prompt}  # fmt: skip
         if spec.strength is not None:
             line["strength"] = spec.strength
+        if spec.cell is not None:
+            line["cell"] = spec.cell
         click.echo(json.dumps(line))
 
 
@@ -186,8 +188,8 @@ def finalize(out: str) -> None:
 @user_errors
 def info(out: str, plots: Path | None) -> None:
     """Counts, completeness and label summaries of a generated dataset."""
-    from synthgen.output.label_summary import label_rows, markdown_table
-    from synthgen.output.manifest import label_encodings, merged_label_stats
+    from synthgen.output.label_summary import labels_markdown
+    from synthgen.output.manifest import label_encodings, merged_cells, merged_label_stats
     from synthgen.output.outdir import MANIFEST, OutDir
     from synthgen.output.read import ShardReader
     from synthgen.preview.plots import label_plots
@@ -208,7 +210,7 @@ def info(out: str, plots: Path | None) -> None:
         click.echo(f"  {split}: {count} samples")
     if recipe.labels and done:
         stats = merged_label_stats(recipe, done, ShardReader(outdir, label_encodings(recipe)))
-        click.echo(markdown_table(label_rows(recipe, stats)))
+        click.echo(labels_markdown(recipe, stats, merged_cells(done)))
         if plots is not None:
             names = label_plots(recipe, stats, OutDir(str(plots)))
             click.echo(f"wrote {len(names)} label plots to {plots}")

@@ -1,23 +1,36 @@
 """The plan: a pure function of the recipe from splits to shards to per-sample specs.
 
-Sample *i* (labels, prompt, seed, split) depends on the recipe seed and *i* alone, never on the
-shard size, the worker count or the order in which shards run: that is what makes resume, multi-GPU
-and Ray runs agree byte for byte.
+Sample *i* (labels, prompt, seed, split, balance cell) depends on the recipe seed and *i* alone,
+never on `num_samples`, the shard size, the worker count or the order in which shards run: that
+is what makes resume, multi-GPU and Ray runs agree byte for byte, and what lets a corpus grow —
+raising `num_samples` appends samples and leaves the committed ones as they are.
+
+T2I samples are dealt to splits (and to balance cells) by an even interleaving of integer
+weights (`Interleave`), so every prefix of the index sequence holds each split and each cell in
+proportion, within one sample. With `balance`, indices come in rounds of one period of the cell
+pattern (one sample per cell when the quotas are equal); whole rounds go to a split, so every
+split holds exactly the same count of every cell.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from fractions import Fraction
 
 import numpy as np
 
 from synthgen.cohort.rows import Cohort
-from synthgen.recipe.labels import LabelValue, sample_labels
+from synthgen.errors import RecipeError
+from synthgen.recipe.balance import Cell
+from synthgen.recipe.joint import LabelModel
+from synthgen.recipe.labels import LabelValue
 from synthgen.recipe.prompts import render_prompt
 from synthgen.recipe.schema import Recipe
 
 _LABEL_STREAM, _IMAGE_STREAM, _COHORT_STREAM = 0, 1, 2
+PLAN_VERSION = 2  # 1: contiguous split ranges (synthgen 0.1); 2: interleaved, extendable
 
 
 def strength_tag(strength: float) -> str:
@@ -35,11 +48,13 @@ class SampleSpec:
     prompt: str
     source_row: int | None = field(default=None, repr=False)
     strength: float | None = None
+    cell: str | None = None  # the balance cell, e.g. "sex=female; age [40, 60)"
 
 
 @dataclass(frozen=True)
 class ShardTask:
-    """A shard: the samples of one split with global indices in [start, stop)."""
+    """A shard: the samples of one split (and strength) with ranks [start, stop) in that
+    group's index order."""
 
     split: str
     shard: int
@@ -58,6 +73,107 @@ class ShardTask:
         return self.stop - self.start
 
 
+class Interleave:
+    """Deal 0, 1, 2, … to groups with integer weights, evenly: group 0 takes every index where
+    ⌈(i+1)·w0/W⌉ steps up (Bresenham, so it takes index 0), the others share the rest the same
+    way, recursively. Among the first n indices group k holds its proportional share within one,
+    and exactly that share when n is a multiple of the weights' total; `group`, `member` and
+    `count` are exact integer arithmetic in O(groups)."""
+
+    def __init__(self, weights: Sequence[int]):
+        if not weights or min(weights) < 1:
+            raise ValueError("weights must be positive integers")
+        self.weights = [int(w) for w in weights]
+        totals = [sum(self.weights[k:]) for k in range(len(self.weights))]
+        self._levels = list(zip(self.weights, totals))  # (weight, it plus every later weight)
+
+    def group(self, index: int) -> tuple[int, int]:
+        """(group, rank of `index` within it)."""
+        for k, (weight, total) in enumerate(self._levels):
+            taken = _ceil_div((index + 1) * weight, total)
+            if taken > _ceil_div(index * weight, total):
+                return k, taken - 1
+            index -= taken  # its rank among the indices the groups after k share
+        raise AssertionError("unreachable: the last group takes every index left")
+
+    def member(self, group: int, rank: int) -> int:
+        """The index holding `rank` in `group` (inverse of `group`)."""
+        weight, total = self._levels[group]
+        index = rank * total // weight
+        for weight, total in reversed(self._levels[:group]):
+            index = _rest_member(weight, total, index)
+        return index
+
+    def count(self, group: int, n: int) -> int:
+        """How many of the first `n` indices go to `group`."""
+        for k, (weight, total) in enumerate(self._levels):
+            taken = _ceil_div(n * weight, total)
+            if k == group:
+                return taken
+            n -= taken
+        return 0
+
+
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _rest_member(weight: int, total: int, rank: int) -> int:
+    """The index that is number `rank` among those a level's group leaves to the later ones."""
+    left = lambda m: m - _ceil_div(m * weight, total)  # noqa: E731 - left among the first m
+    m = (rank + 1) * total // (total - weight)
+    while left(m) < rank + 1:
+        m += 1
+    while m > 1 and left(m - 1) >= rank + 1:
+        m -= 1
+    return m - 1
+
+
+def share_weights(shares: Sequence[float]) -> list[int]:
+    """Integer weights in the proportions of `shares` (decimal shares exactly)."""
+    fractions = [Fraction(str(share)).limit_denominator(10**6) for share in shares]
+    scale = math.lcm(*(f.denominator for f in fractions))
+    return [int(f * scale) for f in fractions]
+
+
+class T2ILayout:
+    """Which split and which balance cell each index belongs to, and back."""
+
+    def __init__(self, recipe: Recipe):
+        self.split_names = list(recipe.splits)
+        self.splits = Interleave(share_weights(list(recipe.splits.values())))
+        self.cells: list[Cell] = recipe.cells()
+        counts = [cell.count for cell in self.cells] or [1]
+        unit = math.gcd(*counts)
+        self.rounds_needed = (
+            unit if self.cells else None
+        )  # balanced: the quotas are this many rounds
+        self.pattern = Interleave([c // unit for c in counts])
+        self.period = sum(c // unit for c in counts)
+
+    def split_of(self, index: int) -> tuple[str, int]:
+        """(split, rank of `index` in it)."""
+        round_, position = divmod(index, self.period)
+        split, rank = self.splits.group(round_)
+        return self.split_names[split], rank * self.period + position
+
+    def cell_of(self, index: int) -> Cell | None:
+        if not self.cells:
+            return None
+        return self.cells[self.pattern.group(index % self.period)[0]]
+
+    def index(self, split: str, rank: int) -> int:
+        round_rank, position = divmod(rank, self.period)
+        return (
+            self.splits.member(self.split_names.index(split), round_rank) * self.period + position
+        )
+
+    def split_count(self, split: str, total: int) -> int:
+        """Samples of `split` among the first `total` indices."""
+        rounds = self.splits.count(self.split_names.index(split), total // self.period)
+        return rounds * self.period
+
+
 def _rng(seed: int, index: int, stream: int) -> np.random.SeedSequence:
     return np.random.SeedSequence(seed, spawn_key=(index, stream))
 
@@ -69,7 +185,7 @@ def image_seed(seed: int, index: int, stream: int = _IMAGE_STREAM) -> int:
 
 
 def split_counts(total: int, splits: dict[str, float]) -> dict[str, int]:
-    """Largest-remainder rounding, so the counts add up to `total` exactly."""
+    """Largest-remainder rounding, so the counts add up to `total` exactly (i2i patients)."""
     whole = sum(splits.values())  # validated to be 1 within rounding
     raw = {name: total * share / whole for name, share in splits.items()}
     counts = {name: math.floor(value) for name, value in raw.items()}
@@ -78,32 +194,6 @@ def split_counts(total: int, splits: dict[str, float]) -> dict[str, int]:
     for name in by_remainder[:leftover]:
         counts[name] += 1
     return counts
-
-
-def split_ranges(total: int, splits: dict[str, float]) -> dict[str, tuple[int, int]]:
-    ranges, start = {}, 0
-    for name, count in split_counts(total, splits).items():
-        ranges[name] = (start, start + count)
-        start += count
-    return ranges
-
-
-def split_of(recipe: Recipe, index: int, total: int | None = None) -> str:
-    total = recipe.num_samples if total is None else total
-    for split, (start, stop) in split_ranges(total, recipe.splits).items():
-        if start <= index < stop:
-            return split
-    return list(recipe.splits)[-1]
-
-
-def plan_shards(recipe: Recipe, total: int | None = None) -> list[ShardTask]:
-    """Every shard of the run, split by split; `total` defaults to the recipe's sample count."""
-    total = recipe.num_samples if total is None else total
-    tasks = []
-    for split, (start, stop) in split_ranges(total, recipe.splits).items():
-        for shard, first in enumerate(range(start, stop, recipe.shard_size)):
-            tasks.append(ShardTask(split, shard, first, min(first + recipe.shard_size, stop)))
-    return tasks
 
 
 def prompt_values(recipe: Recipe, labels: dict[str, LabelValue]) -> dict[str, object]:
@@ -115,20 +205,30 @@ def sample_key(recipe: Recipe, index: int) -> str:
     return f"{recipe.name}-{index:08d}"
 
 
-def t2i_spec(recipe: Recipe, index: int, split: str, table: list[dict] | None = None) -> SampleSpec:
+def t2i_spec(
+    recipe: Recipe,
+    index: int,
+    layout: T2ILayout,
+    model: LabelModel,
+    table: list[dict] | None = None,
+) -> SampleSpec:
     """Sample `index` of a T2I run; with `table`, its labels are one resampled row of it."""
     rng = np.random.Generator(np.random.PCG64(_rng(recipe.seed, index, _LABEL_STREAM)))
+    cell = layout.cell_of(index)
     if table:
         labels = dict(table[int(rng.integers(len(table)))])
+    elif cell is not None:
+        labels = model.draw(rng, fixed=cell.fixed, narrowed=cell.narrowed)
     else:
-        labels = sample_labels(recipe.labels, rng)
+        labels = model.draw(rng)
     return SampleSpec(
         index=index,
         key=sample_key(recipe, index),
-        split=split,
+        split=layout.split_of(index)[0],
         seed=image_seed(recipe.seed, index),
         labels=labels,
         prompt=render_prompt(recipe.prompt, prompt_values(recipe, labels)),
+        cell=cell.key if cell is not None else None,
     )
 
 
@@ -146,38 +246,51 @@ class Plan:
     T2I needs the recipe alone (plus the rows of `labels_from`, if any); I2I also needs the cohort
     rows. I2I keys are numbered after a seeded shuffle of the patients, so a key reveals nothing
     about the cohort's order, and every image of one patient lands in one split.
+
+    `previous`: the shards of an earlier run of the same corpus (from its run record). They are
+    kept as they are and the new samples go into shards after them: raising `num_samples`
+    renders only what is new.
     """
 
     def __init__(
-        self, recipe: Recipe, cohort: Cohort | None = None, table: list[dict] | None = None
+        self,
+        recipe: Recipe,
+        cohort: Cohort | None = None,
+        table: list[dict] | None = None,
+        previous: Sequence[ShardTask] = (),
     ):
         self.recipe = recipe
         self.table = table
         self.cohort = cohort
+        self.model = LabelModel(recipe.labels)
         self._i2i: list[_I2ISample] = []
+        self._group_start: dict[tuple[str, float | None], int] = {}
         if recipe.generation.mode == "i2i":
             if cohort is None:
                 raise ValueError("an i2i plan needs the cohort")
+            self.layout = None
             self.tasks = self._plan_i2i(cohort)
         else:
-            self.tasks = plan_shards(recipe)
+            self.layout = T2ILayout(recipe)
+            self.tasks = self._plan_t2i(previous)
 
     @property
     def total(self) -> int:
         return sum(task.size for task in self.tasks)
 
+    def indices(self, task: ShardTask) -> list[int]:
+        if self.layout is not None:
+            return [self.layout.index(task.split, rank) for rank in range(task.start, task.stop)]
+        first = self._group_start[(task.split, task.strength)]
+        return list(range(first + task.start, first + task.stop))
+
     def specs(self, task: ShardTask) -> list[SampleSpec]:
-        if self.recipe.generation.mode == "t2i":
-            return [
-                t2i_spec(self.recipe, i, task.split, self.table)
-                for i in range(task.start, task.stop)
-            ]
-        return [self.spec(index) for index in range(task.start, task.stop)]
+        return [self.spec(index) for index in self.indices(task)]
 
     def spec(self, index: int) -> SampleSpec:
         """Sample `index` alone (what `synthgen sample` prints), without building its shard."""
-        if self.recipe.generation.mode == "t2i":
-            return t2i_spec(self.recipe, index, split_of(self.recipe, index), self.table)
+        if self.layout is not None:
+            return t2i_spec(self.recipe, index, self.layout, self.model, self.table)
         sample = self._i2i[index]
         labels = self.cohort.by_row[sample.row].labels
         return SampleSpec(
@@ -190,6 +303,39 @@ class Plan:
             source_row=sample.row,
             strength=sample.strength,
         )
+
+    def _plan_t2i(self, previous: Sequence[ShardTask]) -> list[ShardTask]:
+        recipe, layout = self.recipe, self.layout
+        total = recipe.sample_count()
+        if layout.rounds_needed is not None:
+            self._check_balanced_splits(layout)
+        tasks = list(previous)
+        for split in recipe.splits:
+            kept = [t for t in previous if t.split == split]
+            covered = max((t.stop for t in kept), default=0)
+            count = layout.split_count(split, total)
+            if count < covered:
+                raise RecipeError(
+                    f"OUT holds {covered} {split} samples and this recipe asks for {count}: a "
+                    "corpus can grow, not shrink (pass --overwrite to start again)",
+                    where="num_samples",
+                )
+            number = max((t.shard for t in kept), default=-1) + 1
+            for shard, first in enumerate(range(covered, count, recipe.shard_size), number):
+                tasks.append(ShardTask(split, shard, first, min(first + recipe.shard_size, count)))
+        return tasks
+
+    def _check_balanced_splits(self, layout: T2ILayout) -> None:
+        """Every split must get at least one whole round of the cell pattern."""
+        rounds = layout.rounds_needed
+        for split in self.recipe.splits:
+            if layout.split_count(split, rounds * layout.period) == 0:
+                raise RecipeError(
+                    f"split '{split}' would hold no sample: a balanced dataset is split by whole "
+                    f"rounds of its {layout.period}-sample cell pattern and has {rounds} of them; "
+                    "raise the quotas or give the split a larger share",
+                    where="balance",
+                )
 
     def _plan_i2i(self, cohort: Cohort) -> list[ShardTask]:
         recipe = self.recipe
@@ -210,15 +356,16 @@ class Plan:
         for strength in recipe.generation.strengths():
             for split, rows in by_split.items():
                 first = len(self._i2i)
+                self._group_start[(split, strength)] = first
                 for row in rows:
                     for repeat in range(recipe.generation.repeats):
                         # The same noise at every strength: a sweep then varies strength alone.
                         draw = position[row.row] * 1000 + repeat
                         noise = image_seed(recipe.seed, draw, _COHORT_STREAM)
                         self._i2i.append(_I2ISample(row.row, strength, noise, split))
-                last = len(self._i2i)
-                for shard, begin in enumerate(range(first, last, recipe.shard_size)):
-                    stop = min(begin + recipe.shard_size, last)
+                size = len(self._i2i) - first
+                for shard, begin in enumerate(range(0, size, recipe.shard_size)):
+                    stop = min(begin + recipe.shard_size, size)
                     tasks.append(ShardTask(split, shard, begin, stop, strength))
         return tasks
 

@@ -16,7 +16,9 @@ import yaml
 from conftest import ROOT, sample_in_background, sample_lines
 from pydantic import TypeAdapter, ValidationError
 
-from synthgen.recipe.labels import LabelSpec, Multilabel, sample_labels
+from synthgen.recipe.conditional import LabelSpec
+from synthgen.recipe.joint import LabelModel
+from synthgen.recipe.labels import Multilabel
 
 N_DRAWS = 10_000
 Z = 5.0  # allowed distance from the exact value, in standard errors
@@ -275,9 +277,12 @@ def test_sample_labels_draws_every_label_in_declaration_order():
         "b": label_spec({"dist": "uniform", "min": 0, "max": 1}),
         "a": label_spec({"dist": "categorical", "values": {"x": 1, "y": 1}}),
     }
-    first = sample_labels(specs, np.random.default_rng(5))
-    assert list(first) == ["b", "a"]
-    assert first == sample_labels(specs, np.random.default_rng(5))
+    model = LabelModel(specs)
+    first = model.draw(np.random.default_rng(5))
+    assert list(first) == ["b", "a"] and model.order == ["b", "a"]
+    assert first == model.draw(np.random.default_rng(5))
+    rng = np.random.default_rng(5)  # the same draws, one label after the other
+    assert first == {name: spec.sample(rng) for name, spec in specs.items()}
 
 
 # --- the real CLI: `synthgen sample` ---------------------------------------------------------

@@ -16,6 +16,7 @@ from synthgen.errors import OutputError
 from synthgen.output.manifest import label_encodings, merged_label_stats
 from synthgen.output.outdir import OutDir
 from synthgen.output.read import ShardReader
+from synthgen.plan import Plan
 from synthgen.preview.plots import label_plots, plot_label
 from synthgen.preview.sheet import (
     PAD,
@@ -25,7 +26,7 @@ from synthgen.preview.sheet import (
     preview_from_out,
     sample_committed,
 )
-from synthgen.recipe.labels import sample_labels
+from synthgen.recipe.joint import LabelModel
 from synthgen.recipe.schema import load_recipe, recipe_from_dict
 from synthgen.run.finalize import write_previews
 from synthgen.run.preview import make_preview, render_first
@@ -88,7 +89,8 @@ def test_out_sampling_is_seeded_and_reads_parquet_and_tars_alike(generated):
         p: d for p, d in shard.files.items() if p.endswith(".tar")}})  # fmt: skip
     reader = ShardReader(out, label_encodings(recipe))
     from_parquet, from_tar = reader.read(shard, wanted), reader.read(tar_only, wanted)
-    assert [s.key for s in from_tar] == ["unit-00000007", "unit-00000000", "unit-00000003"]
+    indices = Plan(recipe).indices(out.run_record().tasks[0])
+    assert [s.key for s in from_tar] == [f"unit-{indices[p]:08d}" for p in wanted]
     assert from_parquet == from_tar
     for sample in from_tar:
         assert caption(recipe, sample.key, sample.labels)[0].startswith("laterality=")
@@ -182,10 +184,10 @@ def every_kind_recipe():
 def test_label_plots_write_one_png_per_label_of_every_kind(tmp_path):
     recipe = every_kind_recipe()
     rng = np.random.default_rng(0)
-    stats = {name: spec.new_stats() for name, spec in recipe.labels.items()}
+    model = LabelModel(recipe.labels)
+    stats = model.new_stats()
     for _ in range(300):
-        for name, value in sample_labels(recipe.labels, rng).items():
-            recipe.labels[name].add_to(stats[name], value)
+        model.add(stats, model.draw(rng))
     names = label_plots(recipe, stats, OutDir(str(tmp_path / "plots")))
     assert names == [f"labels-{name}.png" for name in recipe.labels]
     for name in names:

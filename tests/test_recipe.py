@@ -21,7 +21,7 @@ import yaml
 from click.testing import CliRunner
 
 from synthgen.cli import main
-from synthgen.plan import split_of, t2i_spec
+from synthgen.plan import Plan
 from synthgen.recipe.schema import load_recipe, recipe_from_dict
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -248,7 +248,8 @@ def test_recipes_with_one_hash_make_the_same_samples(field):
     other = recipe_from_dict(reordered(DEMO, field))
 
     def samples(recipe):
-        specs = [t2i_spec(recipe, i, split_of(recipe, i)) for i in range(recipe.num_samples)]
+        plan = Plan(recipe)
+        specs = [plan.spec(i) for i in range(recipe.num_samples)]
         return [(s.split, s.labels, s.prompt) for s in specs]
 
     assert one.sha256() != other.sha256() or samples(one) == samples(other)

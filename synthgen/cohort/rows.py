@@ -18,7 +18,8 @@ from tqdm import tqdm
 from synthgen.cohort.images import ImageError, preprocess, read_image, to_model_rgb
 from synthgen.cohort.tables import read_table, require_columns, row_labels
 from synthgen.errors import CohortError
-from synthgen.recipe.labels import LabelSpec, LabelValue
+from synthgen.recipe.conditional import LabelSpec
+from synthgen.recipe.labels import LabelValue
 from synthgen.recipe.schema import PreprocessConfig, SourceConfig
 
 

@@ -12,7 +12,8 @@ from pathlib import Path
 import pandas as pd
 
 from synthgen.errors import CohortError
-from synthgen.recipe.labels import LabelSpec, LabelValue
+from synthgen.recipe.conditional import LabelSpec
+from synthgen.recipe.labels import LabelValue
 from synthgen.recipe.schema import LabelsFromConfig
 
 

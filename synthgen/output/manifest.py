@@ -14,6 +14,7 @@ from synthgen.errors import OutputError
 from synthgen.output.read import ShardReader
 from synthgen.output.records import Manifest, ModelRecord, RunRecord, ShardRecord
 from synthgen.plan import ShardTask
+from synthgen.recipe.joint import LabelModel
 from synthgen.recipe.label_stats import LabelStats
 from synthgen.recipe.labels import LabelEncoding
 from synthgen.recipe.schema import Recipe
@@ -77,20 +78,27 @@ def merged_label_stats(
     recipe: Recipe, shards: Sequence[ShardRecord], reader: ShardReader
 ) -> dict[str, LabelStats]:
     """Each label's statistics over `shards`, merged from their records."""
-    merged = {name: spec.new_stats() for name, spec in recipe.labels.items()}
+    model = LabelModel(recipe.labels)
+    merged = model.new_stats()
     for shard in shards:
-        stats = (
-            shard.labels if set(shard.labels) == set(merged) else _recount(recipe, shard, reader)
-        )
+        stats = shard.labels if set(shard.labels) == set(merged) else _recount(model, shard, reader)
         for name, total in merged.items():
             total.merge(stats[name])  # type: ignore[arg-type]
     return merged
 
 
-def _recount(recipe: Recipe, shard: ShardRecord, reader: ShardReader) -> dict[str, LabelStats]:
+def merged_cells(shards: Sequence[ShardRecord]) -> dict[str, int]:
+    """Samples per balance cell over `shards`."""
+    cells: dict[str, int] = {}
+    for shard in shards:
+        for cell, count in shard.cells.items():
+            cells[cell] = cells.get(cell, 0) + count
+    return cells
+
+
+def _recount(model: LabelModel, shard: ShardRecord, reader: ShardReader) -> dict[str, LabelStats]:
     """Statistics of a shard whose record has none (written by synthgen before 0.2)."""
-    stats = {name: spec.new_stats() for name, spec in recipe.labels.items()}
+    stats = model.new_stats()
     for sample in reader.read(shard, images=False):
-        for name, spec in recipe.labels.items():
-            spec.add_to(stats[name], sample.labels[name])
+        model.add(stats, sample.labels)
     return stats

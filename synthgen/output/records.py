@@ -12,7 +12,7 @@ from typing import Any
 
 from synthgen.cohort.rows import SkippedRow
 from synthgen.errors import OutputError
-from synthgen.plan import ShardTask
+from synthgen.plan import PLAN_VERSION, ShardTask
 from synthgen.recipe.label_stats import LabelStats, stats_from_json
 from synthgen.recipe.labels import LabelEncoding
 from synthgen.recipe.schema import ModelConfig
@@ -48,6 +48,8 @@ class RunRecord:
     recipe_sha256: str
     tasks: list[ShardTask]
     skipped: list[SkippedRow] = field(default_factory=list)
+    corpus_sha256: str | None = None  # the recipe whatever its size: a larger one extends it
+    plan_version: int = PLAN_VERSION  # how indices map to splits and shards (plan.py)
 
     def to_json(self) -> bytes:
         return json.dumps(asdict(self)).encode()
@@ -60,6 +62,8 @@ class RunRecord:
                 raw["recipe_sha256"],
                 [ShardTask(**task) for task in raw["tasks"]],
                 [SkippedRow(int(s["row"]), str(s["reason"])) for s in raw.get("skipped", [])],
+                raw.get("corpus_sha256"),
+                int(raw.get("plan_version", 1)),  # records before 0.2 had none: plan 1
             )
         except (KeyError, TypeError, ValueError) as error:
             raise _damaged(name, "run", error) from None
@@ -92,11 +96,13 @@ class ShardRecord(ShardEntry):
 
     seconds: dict[str, float] = field(default_factory=dict)
     labels: dict[str, LabelStats] = field(default_factory=dict)
+    cells: dict[str, int] = field(default_factory=dict)  # balance cell -> samples
 
     def to_json(self) -> bytes:
         data = asdict(self.entry())
         data["seconds"] = self.seconds
         data["labels"] = {name: stats.to_json() for name, stats in self.labels.items()}
+        data["cells"] = self.cells
         return json.dumps(data).encode()
 
     @classmethod
@@ -109,6 +115,7 @@ class ShardRecord(ShardEntry):
                 sizes={k: int(v) for k, v in (raw.get("sizes") or {}).items()},
                 strength=raw.get("strength"), seconds=dict(raw.get("seconds") or {}),
                 labels={k: stats_from_json(v) for k, v in (raw.get("labels") or {}).items()},
+                cells={k: int(v) for k, v in (raw.get("cells") or {}).items()},
             )  # fmt: skip
         except (KeyError, TypeError, ValueError) as error:
             raise _damaged(name, "commit", error) from None

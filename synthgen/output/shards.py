@@ -28,7 +28,7 @@ from PIL import Image
 from synthgen.output.outdir import PARQUET, WEBDATASET, OutDir
 from synthgen.output.records import ShardRecord
 from synthgen.plan import SampleSpec, ShardTask
-from synthgen.recipe.label_stats import LabelStats
+from synthgen.recipe.joint import LabelModel
 from synthgen.recipe.schema import Recipe
 
 IMAGE_SUFFIX = {"png": "png", "jpg": "jpg", "webp": "webp"}
@@ -52,7 +52,7 @@ _FEATURE = {
 def label_features(recipe: Recipe) -> dict[str, datasets.features.features.FeatureType]:
     """The typed `datasets` feature of each label column, from the kind's storage type."""
     return {
-        name: _FEATURE[spec.storage] or datasets.ClassLabel(names=list(spec.values))  # type: ignore[union-attr]
+        name: _FEATURE[spec.storage] or datasets.ClassLabel(names=list(spec.encoding().names))
         for name, spec in recipe.labels.items()
     }
 
@@ -273,6 +273,7 @@ class ShardWriter:
         self.encoders = encoders or min(8, os.cpu_count() or 1)
         self.pool = ThreadPoolExecutor(self.encoders, "encode")
         self.features = dataset_features(recipe)
+        self.labels = LabelModel(recipe.labels)
         self.suffix = IMAGE_SUFFIX[recipe.output.image_format]
         self.encode_seconds = 0.0  # summed over the pool's threads, for the shard's stats
         self._encode_lock = threading.Lock()
@@ -303,9 +304,8 @@ class ShardWriter:
         files = ShardFiles(self.out, task.name, self.recipe.output.formats, schema)
         stream = ShardStream(files, self._entry, depth=QUEUE_PER_ENCODER * self.encoders)
         count, self.encode_seconds = 0, 0.0
-        stats: dict[str, LabelStats] = {
-            n: spec.new_stats() for n, spec in self.recipe.labels.items()
-        }
+        stats = self.labels.new_stats()
+        cells: dict[str, int] = {}
         try:
             for spec, image in samples:
                 if "." in spec.key:
@@ -315,8 +315,9 @@ class ShardWriter:
                 # Encoding runs in the pool while the renderer makes the next batch (zlib and
                 # libjpeg release the GIL), so the accelerator does not wait for PNG compression.
                 stream.put(spec, self.pool.submit(self._encode, image))
-                for name, label in self.recipe.labels.items():
-                    label.add_to(stats[name], spec.labels[name])
+                self.labels.add(stats, spec.labels)
+                if spec.cell is not None:
+                    cells[spec.cell] = cells.get(spec.cell, 0) + 1
                 count += 1
             started = time.perf_counter()
             digests = stream.finish()
@@ -338,6 +339,7 @@ class ShardWriter:
                 "write": time.perf_counter() - started,
             },
             labels=stats,
+            cells=dict(sorted(cells.items())),
         )
         self.out.commit(record)
         return record

@@ -12,7 +12,8 @@ from collections.abc import Mapping
 import numpy as np
 
 from synthgen.output.outdir import OutDir
-from synthgen.recipe.label_stats import Counts, LabelStats, Moments
+from synthgen.recipe.joint import leaf
+from synthgen.recipe.label_stats import Counts, Fitted, Grouped, LabelStats, Moments
 from synthgen.recipe.schema import Recipe
 
 ASKED_COLOR, DRAWN_COLOR = "#9aa5b1", "#1f77b4"
@@ -34,37 +35,43 @@ def figure_png(figure) -> bytes:
     return buffer.getvalue()
 
 
-def _bars(ax, asked: Mapping[str, float], drawn: Counts) -> None:
-    names = list(asked)
+def _bars(ax, shares: Mapping[str, float], drawn: Counts, asked: bool) -> None:
+    names = list(shares)
     x = np.arange(len(names))
-    ax.bar(x - 0.2, list(asked.values()), 0.4, label="asked", color=ASKED_COLOR)
+    if asked:
+        ax.bar(x - 0.2, list(shares.values()), 0.4, label="asked", color=ASKED_COLOR)
     ax.bar(x + 0.2, [drawn.share(v) for v in names], 0.4, label="drawn", color=DRAWN_COLOR)
     many = len(names) > 4
     ax.set_xticks(x, names, rotation=30 if many else 0, ha="right" if many else "center")
     ax.set_ylabel("share of samples")
 
 
-def _histogram(ax, spec, drawn: Moments) -> None:
+def _histogram(ax, spec, drawn: Moments, asked: bool) -> None:
     edges = np.array(drawn.edges)
     if drawn.n:
         heights = np.array(drawn.bins) / (drawn.n * np.diff(edges))
         ax.stairs(heights, edges, fill=True, color=DRAWN_COLOR, alpha=0.8, label="drawn")
-    x = np.linspace(edges[0], edges[-1], 400)
-    ax.plot(x, spec.density(x), color="black", linewidth=1.5, label="asked density")
+    if asked:
+        x = np.linspace(edges[0], edges[-1], 400)
+        ax.plot(x, spec.density(x), color="black", linewidth=1.5, label="asked density")
     ax.set_ylabel("density")
 
 
 def plot_label(name: str, spec, stats: LabelStats) -> bytes:
-    """One label's asked-vs-drawn figure as PNG bytes."""
+    """One label's asked-vs-drawn figure as PNG bytes. A label that depends on others is drawn
+    alone: what was asked of it is in the card's conditional table."""
     figure = new_figure(5.6, 3.4)
     ax = figure.add_subplot()
-    if isinstance(stats, Moments):
-        _histogram(ax, spec, stats)
+    dependent = isinstance(stats, (Grouped, Fitted))
+    marginal = stats.marginal if dependent else stats
+    if isinstance(marginal, Moments):
+        _histogram(ax, spec, marginal, asked=not dependent)
     else:
-        _bars(ax, spec.asked_shares(), stats)
-        if spec.dist == "multilabel":
+        plain = leaf(spec)
+        _bars(ax, plain.asked_shares(), marginal, asked=not dependent)
+        if plain.dist == "multilabel":
             ax.set_ylabel("rate per sample")
-    ax.set_title(f"{name}: asked vs drawn (n={stats.n})", fontsize=10)
+    ax.set_title(f"{name}: {'drawn' if dependent else 'asked vs drawn'} (n={stats.n})", fontsize=10)
     ax.set_ylim(0, max(ax.get_ylim()[1], 1e-9) * 1.2)  # room for the legend above the data
     ax.legend(fontsize=8, frameon=False, loc="upper right", ncol=2)
     ax.spines[["top", "right"]].set_visible(False)

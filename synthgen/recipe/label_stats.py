@@ -102,9 +102,6 @@ class Moments:
         }  # fmt: skip
 
 
-LabelStats = Counts | Moments
-
-
 def _bin(edges: list[float], x: float) -> int:
     """Index of the bin holding `x` (the last bin is closed on the right)."""
     lo, hi = 0, len(edges) - 1
@@ -118,6 +115,15 @@ def _bin(edges: list[float], x: float) -> int:
 
 
 def stats_from_json(data: dict[str, Any]) -> LabelStats:
+    kind = data.get("type")
+    if kind == "grouped":
+        groups = {key: stats_from_json(value) for key, value in data["groups"].items()}
+        return Grouped(data["by"], stats_from_json(data["marginal"]), groups)  # type: ignore[arg-type]
+    if kind == "fitted":
+        return Fitted(stats_from_json(data["marginal"]), stats_from_json(data["fit"]))  # type: ignore[arg-type]
+    if kind == "regression":
+        return Regression(list(data["names"]), [list(map(float, r)) for r in data["xtx"]],
+                          [float(v) for v in data["xty"]])  # fmt: skip
     if data.get("type") == "counts":
         return Counts(int(data["n"]), {str(k): int(v) for k, v in data["counts"].items()})
     if data.get("type") == "moments":
@@ -129,3 +135,92 @@ def stats_from_json(data: dict[str, Any]) -> LabelStats:
             int(data["below"]), int(data["above"]),
         )  # fmt: skip
     raise ValueError(f"unknown label statistics type {data.get('type')!r}")
+
+
+@dataclass
+class Regression:
+    """Least squares of a label on the labels its mean moves with, as mergeable sums:
+    XᵀX and Xᵀy over rows [1, x1, …, xk], so shards add up and the fit is solved once."""
+
+    names: list[str]
+    xtx: list[list[float]] = field(default_factory=list)
+    xty: list[float] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        size = len(self.names) + 1
+        if not self.xtx:
+            self.xtx = [[0.0] * size for _ in range(size)]
+            self.xty = [0.0] * size
+
+    def add(self, y: float, xs: list[float]) -> None:
+        row = [1.0, *xs]
+        for i, a in enumerate(row):
+            self.xty[i] += a * y
+            for j, b in enumerate(row):
+                self.xtx[i][j] += a * b
+
+    def merge(self, other: Regression) -> None:
+        for i, row in enumerate(other.xtx):
+            self.xty[i] += other.xty[i]
+            for j, value in enumerate(row):
+                self.xtx[i][j] += value
+
+    def solve(self) -> list[float] | None:
+        """[intercept, slope per name], or None while the rows cannot determine it."""
+        import numpy as np  # only when a card or `info` shows a fit
+
+        matrix = np.array(self.xtx)
+        if matrix[0][0] <= len(self.names) or abs(np.linalg.det(matrix)) < 1e-12:
+            return None
+        return [float(v) for v in np.linalg.solve(matrix, np.array(self.xty))]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"type": "regression", "names": self.names, "xtx": self.xtx, "xty": self.xty}
+
+
+@dataclass
+class Fitted:
+    """A numeric label whose mean moves with others: its moments and its fitted line."""
+
+    marginal: Moments
+    fit: Regression
+
+    @property
+    def n(self) -> int:
+        return self.marginal.n
+
+    def merge(self, other: Fitted) -> None:
+        self.marginal.merge(other.marginal)
+        self.fit.merge(other.fit)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"type": "fitted", "marginal": self.marginal.to_json(), "fit": self.fit.to_json()}
+
+
+@dataclass
+class Grouped:
+    """A conditional label: its marginal, and its statistics per case of its parent."""
+
+    by: str
+    marginal: Counts | Moments
+    groups: dict[str, Any] = field(default_factory=dict)  # case key -> LabelStats
+
+    @property
+    def n(self) -> int:
+        return self.marginal.n
+
+    def merge(self, other: Grouped) -> None:
+        self.marginal.merge(other.marginal)  # type: ignore[arg-type]
+        for key, stats in other.groups.items():
+            if key in self.groups:
+                self.groups[key].merge(stats)
+            else:
+                self.groups[key] = stats_from_json(stats.to_json())  # a copy, not a share
+
+    def to_json(self) -> dict[str, Any]:
+        groups = {key: stats.to_json() for key, stats in sorted(self.groups.items())}
+        return {"type": "grouped", "by": self.by, "marginal": self.marginal.to_json(),
+                "groups": groups}  # fmt: skip
+
+
+LabelStats = Counts | Moments | Grouped | Fitted | Regression

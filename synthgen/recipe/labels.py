@@ -9,18 +9,18 @@ seed and the sample index).
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from statistics import NormalDist
-from typing import Annotated, Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from synthgen.errors import FieldError
-from synthgen.recipe.label_stats import Counts, LabelStats, Moments
+from synthgen.recipe.label_stats import Counts, Fitted, LabelStats, Moments, Regression
 
 LabelValue = str | int | float | list[str]
-LABEL_KINDS = ("categorical", "uniform", "normal", "constant", "multilabel")
 # How a label's Parquet column is typed: a class index, a number, text, or a list of texts.
 Storage = Literal["class", "int64", "float64", "bool", "string", "list<string>"]
 SummaryRow = tuple[str, str, str]  # (category, finding or statistic; asked; drawn)
@@ -85,8 +85,15 @@ class LabelEncoding:
         return cls(data["kind"], tuple(names) if names is not None else None, data.get("none"))
 
 
+Given = Mapping[str, "LabelValue"]  # the labels drawn before this one, by name
+
+
 class _Label(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+    def parents(self) -> tuple[str, ...]:
+        """The labels this one's distribution depends on (drawn before it)."""
+        return ()
 
     def prompt_form(self, value: LabelValue) -> object:
         """The value as a prompt template shows it."""
@@ -123,7 +130,7 @@ class Categorical(_Label):
         total = sum(self.values.values())
         return {value: weight / total for value, weight in self.values.items()}
 
-    def sample(self, rng: np.random.Generator) -> str:
+    def sample(self, rng: np.random.Generator, given: Given | None = None) -> str:
         names = list(self.values)
         return names[int(rng.choice(len(names), p=list(self.probabilities().values())))]
 
@@ -144,7 +151,7 @@ class Categorical(_Label):
     def new_stats(self) -> Counts:
         return Counts()
 
-    def add_to(self, stats: LabelStats, value: LabelValue) -> None:
+    def add_to(self, stats: LabelStats, value: LabelValue, given: Given | None = None) -> None:
         stats.add(str(value))  # type: ignore[arg-type]
 
     def asked_shares(self) -> dict[str, float]:
@@ -196,6 +203,11 @@ class _Numeric(_Label):
     def encoding(self) -> LabelEncoding:
         return LabelEncoding("numeric")
 
+    def within(self, low: float, high: float) -> _Numeric:
+        """This distribution restricted to [low, high]: a balance cell's bin (inclusive)."""
+        floor, ceiling = self.bounds()
+        return self.model_copy(update={"min": max(floor, low), "max": min(ceiling, high)})
+
     def moments(self) -> tuple[float, float]:
         """Mean and standard deviation of what a correct sampler yields."""
         raise NotImplementedError
@@ -222,19 +234,24 @@ class _Numeric(_Label):
     def new_stats(self) -> Moments:
         return Moments(self.histogram_edges())
 
-    def add_to(self, stats: LabelStats, value: LabelValue) -> None:
+    def add_to(self, stats: LabelStats, value: LabelValue, given: Given | None = None) -> None:
         stats.add(value)  # type: ignore[arg-type]
 
     def summary(self, stats: LabelStats) -> list[SummaryRow]:
-        mean, std = self.moments()
-        low, high = self.bounds()
-        drawn: Moments = stats  # type: ignore[assignment]
-        return [
-            ("mean", f"{mean:.2f}", f"{drawn.mean:.2f}"),
-            ("std", f"{std:.2f}", f"{drawn.std:.2f}"),
-            ("min", f"{low:g}", f"{drawn.low if drawn.n else math.nan:g}"),
-            ("max", f"{high:g}", f"{drawn.high if drawn.n else math.nan:g}"),
-        ]
+        return moment_rows(self.moments(), self.bounds(), stats)  # type: ignore[arg-type]
+
+
+def moment_rows(
+    asked: tuple[float, float] | None, bounds: tuple[float, float], drawn: Moments
+) -> list[SummaryRow]:
+    low, high = bounds
+    mean, std = (f"{v:.2f}" for v in asked) if asked else ("-", "-")
+    return [
+        ("mean", mean, f"{drawn.mean:.2f}"),
+        ("std", std, f"{drawn.std:.2f}"),
+        ("min", f"{low:g}", f"{drawn.low if drawn.n else math.nan:g}"),
+        ("max", f"{high:g}", f"{drawn.high if drawn.n else math.nan:g}"),
+    ]
 
 
 class Uniform(_Numeric):
@@ -252,7 +269,7 @@ class Uniform(_Numeric):
     def bounds(self) -> tuple[float, float]:
         return self.min, self.max
 
-    def sample(self, rng: np.random.Generator) -> int | float:
+    def sample(self, rng: np.random.Generator, given: Given | None = None) -> int | float:
         if self.dtype == "int":
             return int(rng.integers(math.ceil(self.min), math.floor(self.max) + 1))
         return float(rng.uniform(self.min, self.max))
@@ -263,16 +280,37 @@ class Uniform(_Numeric):
     def moments(self) -> tuple[float, float]:
         return (self.min + self.max) / 2, (self.max - self.min) / math.sqrt(12)
 
-    def density(self, x: np.ndarray) -> np.ndarray:
+    def density(self, x: np.ndarray, given: Given | None = None) -> np.ndarray:
         low, high = self.sampling_bounds()
         if high <= low:
             return np.zeros_like(x)
         return np.where((x >= low) & (x <= high), 1.0 / (high - low), 0.0)
 
 
+class LinearMean(BaseModel):
+    """A mean that moves with labels drawn before it: `base + Σ per[label] × value`."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    base: float
+    per: dict[str, float]
+
+    @model_validator(mode="after")
+    def _names_a_label(self) -> LinearMean:
+        if not self.per:
+            raise FieldError("per", "per must name at least one label and its slope")
+        return self
+
+    def at(self, given: Given) -> float:
+        return self.base + sum(slope * float(given[name]) for name, slope in self.per.items())  # type: ignore[arg-type]
+
+    def describe(self) -> str:
+        return f"{self.base:g}" + "".join(f" {k:+g}×{name}" for name, k in self.per.items())
+
+
 class Normal(_Numeric):
     dist: Literal["normal"]
-    mean: float
+    mean: float | LinearMean
     std: float
     min: float | None = None
     max: float | None = None
@@ -285,20 +323,31 @@ class Normal(_Numeric):
         if low > high:
             raise FieldError("min", f"min ({low:g}) is greater than max ({high:g})")
         self._check_integer_room()
-        low, high = self.sampling_bounds()  # for integers, the mass that rounds into [min, max]
-        dist = NormalDist(self.mean, self.std)
-        if dist.cdf(high) - dist.cdf(low) < 1e-9:
-            raise FieldError("max", "[min, max] holds no probability mass of this normal")
+        if isinstance(self.mean, float):  # a moving mean is checked against its parents' range
+            self.check_mass(self.mean, "max")
         return self
+
+    def check_mass(self, mean: float, field: str) -> None:
+        """[min, max] must hold some mass of the normal at `mean` (integers: what rounds in)."""
+        low, high = self.sampling_bounds()
+        dist = NormalDist(mean, self.std)
+        if dist.cdf(high) - dist.cdf(low) < 1e-9:
+            raise FieldError(field, f"[min, max] holds no probability mass at mean {mean:g}")
+
+    def parents(self) -> tuple[str, ...]:
+        return tuple(self.mean.per) if isinstance(self.mean, LinearMean) else ()
+
+    def mean_at(self, given: Given | None) -> float:
+        return self.mean.at(given or {}) if isinstance(self.mean, LinearMean) else self.mean
 
     def bounds(self) -> tuple[float, float]:
         low = -math.inf if self.min is None else self.min
         high = math.inf if self.max is None else self.max
         return low, high
 
-    def sample(self, rng: np.random.Generator) -> int | float:
+    def sample(self, rng: np.random.Generator, given: Given | None = None) -> int | float:
         # Exact truncation by inverse CDF: clipping would pile probability mass on the bounds.
-        dist = NormalDist(self.mean, self.std)
+        dist = NormalDist(self.mean_at(given), self.std)
         low, high = self.sampling_bounds()
         u = float(rng.uniform(dist.cdf(low), dist.cdf(high)))
         x = min(max(dist.inv_cdf(min(max(u, 1e-300), 1 - 1e-16)), low), high)
@@ -311,13 +360,15 @@ class Normal(_Numeric):
         bounds = (
             f", truncated to [{low:g}, {high:g}]" if (self.min, self.max) != (None, None) else ""
         )
-        return f"normal(mean={self.mean:g}, std={self.std:g}){bounds} ({self.dtype})"
+        mean = self.mean.describe() if isinstance(self.mean, LinearMean) else f"{self.mean:g}"
+        return f"normal(mean={mean}, std={self.std:g}){bounds} ({self.dtype})"
 
-    def moments(self) -> tuple[float, float]:
-        """Mean and std of the normal truncated to [min, max]."""
+    def moments(self, given: Given | None = None) -> tuple[float, float]:
+        """Mean and std of the normal truncated to [min, max] (at the parents' values `given`)."""
         unit = NormalDist()
         low, high = self.bounds()
-        a, b = (low - self.mean) / self.std, (high - self.mean) / self.std
+        mean = self.mean_at(given)
+        a, b = (low - mean) / self.std, (high - mean) / self.std
         mass = unit.cdf(b) - unit.cdf(a)
         pdf_a = unit.pdf(a) if math.isfinite(a) else 0.0
         pdf_b = unit.pdf(b) if math.isfinite(b) else 0.0
@@ -325,17 +376,41 @@ class Normal(_Numeric):
         term_a = a * pdf_a if math.isfinite(a) else 0.0
         term_b = b * pdf_b if math.isfinite(b) else 0.0
         variance = 1 + (term_a - term_b) / mass - shift**2
-        return self.mean + self.std * shift, self.std * math.sqrt(variance)
+        return mean + self.std * shift, self.std * math.sqrt(variance)
 
-    def density(self, x: np.ndarray) -> np.ndarray:
+    def density(self, x: np.ndarray, given: Given | None = None) -> np.ndarray:
         low, high = self.sampling_bounds()
-        dist = NormalDist(self.mean, self.std)
+        dist = NormalDist(self.mean_at(given), self.std)
         mass = dist.cdf(high) - dist.cdf(low)
         inside = (x >= low) & (x <= high)
         return np.array([dist.pdf(v) / mass if ok else 0.0 for v, ok in zip(x, inside)])
 
+    def new_stats(self) -> Moments | Fitted:  # type: ignore[override]
+        if isinstance(self.mean, LinearMean):
+            return Fitted(Moments(self.histogram_edges()), Regression(list(self.mean.per)))
+        return Moments(self.histogram_edges())
+
+    def add_to(self, stats: LabelStats, value: LabelValue, given: Given | None = None) -> None:
+        if isinstance(stats, Fitted):
+            stats.marginal.add(value)  # type: ignore[arg-type]
+            stats.fit.add(float(value), [float(given[p]) for p in stats.fit.names])  # type: ignore[arg-type, index]
+        else:
+            stats.add(value)  # type: ignore[union-attr]
+
+    def summary(self, stats: LabelStats) -> list[SummaryRow]:
+        if not isinstance(stats, Fitted):
+            return super().summary(stats)
+        # A moving mean's marginal depends on its parents' law: drawn only (the fit is shown
+        # in the conditional table).
+        return [(value, "-" if value in ("mean", "std") else asked, drawn)
+                for value, asked, drawn in moment_rows(None, self.bounds(), stats.marginal)]  # fmt: skip
+
     def plot_range(self) -> tuple[float, float]:
         low, high = self.bounds()
+        if isinstance(self.mean, LinearMean):  # a moving mean: the bounds, where declared
+            if math.isfinite(low) and math.isfinite(high):
+                return low, high
+            return max(low, self.mean.base - 4 * self.std), min(high, self.mean.base + 4 * self.std)
         return max(low, self.mean - 4 * self.std), min(high, self.mean + 4 * self.std)
 
 
@@ -343,7 +418,7 @@ class Constant(_Label):
     dist: Literal["constant"]
     value: int | float | str
 
-    def sample(self, rng: np.random.Generator) -> int | float | str:
+    def sample(self, rng: np.random.Generator, given: Given | None = None) -> int | float | str:
         return self.value
 
     def describe(self) -> str:
@@ -364,7 +439,7 @@ class Constant(_Label):
     def new_stats(self) -> Counts:
         return Counts()
 
-    def add_to(self, stats: LabelStats, value: LabelValue) -> None:
+    def add_to(self, stats: LabelStats, value: LabelValue, given: Given | None = None) -> None:
         stats.add(str(value))  # type: ignore[arg-type]
 
     def asked_shares(self) -> dict[str, float]:
@@ -397,7 +472,7 @@ class Multilabel(_Label):
             raise FieldError("none", f"none value '{self.none}' is also listed in values")
         return self
 
-    def sample(self, rng: np.random.Generator) -> list[str]:
+    def sample(self, rng: np.random.Generator, given: Given | None = None) -> list[str]:
         names = list(self.values)
         hits = rng.random(len(names)) < np.array([self.values[n] for n in names])
         drawn = [n for n, hit in zip(names, hits) if hit]
@@ -436,7 +511,7 @@ class Multilabel(_Label):
     def new_stats(self) -> Counts:
         return Counts()
 
-    def add_to(self, stats: LabelStats, value: LabelValue) -> None:
+    def add_to(self, stats: LabelStats, value: LabelValue, given: Given | None = None) -> None:
         stats.add(*(value or [self.none]))  # type: ignore[arg-type]
 
     def asked_shares(self) -> dict[str, float]:
@@ -448,14 +523,3 @@ class Multilabel(_Label):
     def summary(self, stats: LabelStats) -> list[SummaryRow]:
         rows = [(v, f"{p:.3f}", f"{stats.share(v):.3f}") for v, p in self.values.items()]  # type: ignore[union-attr]
         return [*rows, (self.none, "-", f"{stats.share(self.none):.3f}")]  # type: ignore[union-attr]
-
-
-LabelSpec = Annotated[
-    Categorical | Uniform | Normal | Constant | Multilabel, Field(discriminator="dist")
-]
-CountedLabel = Categorical | Constant | Multilabel  # summarised by Counts, plotted as bars
-
-
-def sample_labels(labels: dict[str, LabelSpec], rng: np.random.Generator) -> dict[str, LabelValue]:
-    """Draw every label in declaration order from one Generator."""
-    return {name: spec.sample(rng) for name, spec in labels.items()}

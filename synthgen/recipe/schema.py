@@ -18,7 +18,9 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from synthgen.errors import FieldError, RecipeError
-from synthgen.recipe.labels import LABEL_KINDS, LabelSpec
+from synthgen.recipe.balance import BalanceConfig, Cell, quota_cells
+from synthgen.recipe.conditional import LABEL_TAGS, LabelSpec
+from synthgen.recipe.joint import LabelModel
 from synthgen.recipe.prompts import render_prompt, template_fields
 
 REDACTED = "<redacted: protected path>"
@@ -156,6 +158,7 @@ class Recipe(Strict):
     generation: GenerationConfig = GenerationConfig()
     prompt: str
     labels: dict[str, LabelSpec] = {}
+    balance: BalanceConfig | None = None
     labels_from: LabelsFromConfig | None = None
     source: SourceConfig | None = None
     privacy: PrivacyConfig | None = None
@@ -190,7 +193,7 @@ class Recipe(Strict):
     @model_validator(mode="after")
     def _mode_fits(self) -> Recipe:
         if self.generation.mode == "t2i":
-            if self.num_samples is None:
+            if self.num_samples is None and self.balance is None:
                 raise FieldError("num_samples", "num_samples is required for mode t2i")
             if self.source is not None:
                 raise FieldError("source", "source applies to mode i2i; set generation.mode: i2i")
@@ -222,6 +225,37 @@ class Recipe(Strict):
         return self
 
     @model_validator(mode="after")
+    def _labels_fit_together(self) -> Recipe:
+        LabelModel(self.labels)  # dependencies: parents exist, no cycle, cases and bins fit
+        if self.balance is None:
+            return self
+        if self.generation.mode != "t2i":
+            raise FieldError(
+                "balance", "an i2i dataset's labels are its cohort's: there is nothing to balance"
+            )
+        if self.labels_from is not None:
+            raise FieldError(
+                "balance", "labels resampled from a table (labels_from) cannot also be balanced"
+            )
+        self.cells()
+        return self
+
+    def cells(self) -> list[Cell]:
+        """The balance cells with their counts (empty without a balance section)."""
+        if self.balance is None:
+            return []
+        try:
+            return quota_cells(self.balance, self.labels, self.num_samples)
+        except FieldError as error:
+            raise FieldError(f"balance.{error.field}", str(error)) from None
+
+    def sample_count(self) -> int:
+        """num_samples, or what the balance quotas add up to (t2i)."""
+        if self.num_samples is not None:
+            return self.num_samples
+        return sum(cell.count for cell in self.cells())
+
+    @model_validator(mode="after")
     def _prompt_names_known_labels(self) -> Recipe:
         try:
             names = template_fields(self.prompt)
@@ -235,8 +269,8 @@ class Recipe(Strict):
                     f"the template names '{{{name}}}', which is not a label (labels: {known})",
                 )
         # A label's type is fixed by its declaration: one trial fill catches a spec it cannot take.
-        rng = np.random.default_rng(0)
-        trial = {name: spec.prompt_form(spec.sample(rng)) for name, spec in self.labels.items()}
+        drawn = LabelModel(self.labels).draw(np.random.default_rng(0))
+        trial = {name: self.labels[name].prompt_form(value) for name, value in drawn.items()}
         try:
             render_prompt(self.prompt, trial)
         except (ValueError, TypeError) as exc:
@@ -246,7 +280,19 @@ class Recipe(Strict):
     def sha256(self) -> str:
         """Hash of the validated recipe, so reformatting the YAML does not change it."""
         # Key order is kept: the order of labels, categories and splits changes the samples.
-        canonical = json.dumps(self.model_dump(mode="json"), separators=(",", ":"))
+        # Unset optional fields are left out, so a field added later leaves old hashes as they are.
+        dump = self.model_dump(mode="json", exclude_none=True)
+        canonical = json.dumps(dump, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()
+
+    def corpus_sha256(self) -> str:
+        """What the corpus is whatever its size: the shareable recipe without `num_samples` or
+        the balance's `per_cell`. Raising those extends a corpus; any other change starts a new
+        one."""
+        dump = self.shareable().model_dump(mode="json", exclude_none=True)
+        dump.pop("num_samples", None)
+        dump.get("balance", {}).pop("per_cell", None)
+        canonical = json.dumps(dump, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()
 
     def to_yaml(self) -> str:
@@ -286,7 +332,7 @@ class Recipe(Strict):
 def _field_path(loc: tuple[Any, ...]) -> str:
     # pydantic puts the union's tag in the location (labels.age.normal.std); users wrote labels.age.std
     parts = [str(part) for part in loc]
-    if len(parts) > 2 and parts[0] == "labels" and parts[2] in LABEL_KINDS:
+    if len(parts) > 2 and parts[0] == "labels" and parts[2] in LABEL_TAGS:
         del parts[2]
     return ".".join(parts)
 

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 from synthgen.errors import OutputError
 from synthgen.output.card import SHEET, CardInputs, render_card
-from synthgen.output.label_summary import label_rows, markdown_table
+from synthgen.output.label_summary import labels_markdown
 from synthgen.output.manifest import (
     build_manifest,
     committed_in_order,
     label_encodings,
+    merged_cells,
     merged_label_stats,
 )
 from synthgen.output.outdir import (
@@ -53,7 +54,7 @@ def finalize(out: OutDir) -> Manifest:
     manifest = build_manifest(recipe, run, shards, out.model_record())
     previews = write_previews(out, recipe, reader, manifest.shards, stats)
     audit = out.read_text(AUDIT_SECTION) if out.exists(AUDIT_SECTION) else None
-    table = markdown_table(label_rows(recipe, stats))
+    table = labels_markdown(recipe, stats, merged_cells(shards))
     card = render_card(CardInputs(recipe, manifest, table, previews, audit))
     out.write_atomic(CARD, card.encode())
     if "webdataset" in recipe.output.formats:

@@ -16,7 +16,7 @@ from tqdm import tqdm
 from synthgen.errors import OutputError
 from synthgen.output.outdir import MANIFEST, OWN_PATHS, RECIPE, RUN_RECORD, OutDir, final_name
 from synthgen.output.records import RunRecord, ShardRecord
-from synthgen.plan import Plan, ShardTask
+from synthgen.plan import PLAN_VERSION, Plan, ShardTask
 from synthgen.recipe.schema import Recipe
 from synthgen.run.executors import make_executor, rank_share
 from synthgen.run.finalize import finalize
@@ -34,9 +34,14 @@ class RunState:
 
 
 def claim_output(out: OutDir, recipe: Recipe, plan: Plan, overwrite: bool = False) -> None:
-    """OUT must be empty, or hold a run of this very recipe (which then resumes)."""
+    """OUT must be empty, or hold a run of this very recipe (which then resumes), or a smaller
+    run of the same corpus (which then grows: its shards stay, the new ones are planned after)."""
     record = out.run_record()
     if record is not None and record.recipe_sha256 == recipe.sha256():
+        return
+    if record is not None and not overwrite and _grows(record, recipe, plan):
+        out.remove(MANIFEST)  # no longer complete: finalize writes it again for the whole corpus
+        _write_run(out, recipe, plan)
         return
     if record is not None and not overwrite:
         raise OutputError(
@@ -58,9 +63,20 @@ def claim_output(out: OutDir, recipe: Recipe, plan: Plan, overwrite: bool = Fals
     # Nothing else is removed: ranks started together all claim OUT at once, with the same bytes.
     if recipe.privacy is not None:
         write_linkage(plan, recipe.privacy.linkage, out)
+    _write_run(out, recipe, plan)
+
+
+def _grows(record: RunRecord, recipe: Recipe, plan: Plan) -> bool:
+    """True when `plan` is `record`'s corpus grown: every recorded shard is planned as it was."""
+    same = record.corpus_sha256 == recipe.corpus_sha256() and record.plan_version == PLAN_VERSION
+    return same and plan.tasks[: len(record.tasks)] == record.tasks
+
+
+def _write_run(out: OutDir, recipe: Recipe, plan: Plan) -> None:
     out.write_atomic(RECIPE, recipe.shareable().to_yaml().encode())
     skipped = plan.cohort.skipped if plan.cohort is not None else []
-    out.write_atomic(RUN_RECORD, RunRecord(recipe.sha256(), plan.tasks, skipped).to_json())
+    record = RunRecord(recipe.sha256(), plan.tasks, skipped, recipe.corpus_sha256())
+    out.write_atomic(RUN_RECORD, record.to_json())
 
 
 def _hashes_match(out: OutDir, record: ShardRecord) -> bool:
@@ -136,7 +152,7 @@ def generate(
     """
     execution = execution or Execution()
     out = OutDir(out_url)
-    plan = plan_for_out(out, recipe)
+    plan = plan_for_out(out, recipe, fresh=overwrite)
     claim_output(out, recipe, plan, overwrite=overwrite)
     tasks = plan.tasks
     skipped = len(plan.cohort.skipped) if plan.cohort is not None else 0
