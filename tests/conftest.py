@@ -18,6 +18,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 SYNTHGEN = [sys.executable, "-m", "synthgen"]
 CONSOLE_SCRIPT = ROOT / ".venv" / "bin" / "synthgen"
+LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")  # a launcher's rank
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -96,3 +97,36 @@ def fresh_copy(tmp_path, generated) -> Path:
     target = tmp_path / "copy"
     shutil.copytree(generated, target)
     return target
+
+
+@pytest.fixture
+def s3_server():
+    """moto's S3 on 127.0.0.1; yields (s3fs filesystem, env for synthgen pointed at it)."""
+    pytest.importorskip("s3fs")
+    import logging
+
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one line per request otherwise
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    env = {
+        k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS and not k.startswith("SLURM_")
+    }
+    env.update(
+        AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing",
+        AWS_DEFAULT_REGION="us-east-1", AWS_ENDPOINT_URL=f"http://{host}:{port}",
+        NO_PROXY="127.0.0.1,localhost", no_proxy="127.0.0.1,localhost",
+    )  # fmt: skip
+    import s3fs
+
+    fs = s3fs.S3FileSystem(
+        key="testing", secret="testing", endpoint_url=env["AWS_ENDPOINT_URL"],
+        skip_instance_cache=True,
+    )  # fmt: skip
+    fs.mkdir("bucket")
+    try:
+        yield fs, env
+    finally:
+        server.stop()

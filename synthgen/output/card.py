@@ -13,7 +13,7 @@ from pathlib import PurePosixPath
 import yaml
 
 from synthgen import __version__
-from synthgen.output.outdir import PARQUET, PREVIEWS
+from synthgen.output.outdir import PARQUET, PREVIEWS, WEBDATASET
 from synthgen.output.records import Manifest
 from synthgen.plan import strength_tag
 from synthgen.recipe.schema import PRESETS, Recipe
@@ -74,7 +74,7 @@ def render_card(card: CardInputs) -> str:
     sections = [
         f"---\n{header}---\n",
         _introduction(card),
-        _loading(recipe),
+        _loading(recipe, manifest),
         _generator(recipe, manifest),
         _splits(manifest),
         _labels(card),
@@ -101,24 +101,52 @@ def _introduction(card: CardInputs) -> str:
 """
 
 
-def _loading(recipe: Recipe) -> str:
-    return f"""## Load it
-
+def _loading(recipe: Recipe, manifest: Manifest) -> str:
+    """Code that runs as written from this dataset's folder (a clone of the Hub repo, or OUT):
+    the WebDataset pattern is built from the shards that exist."""
+    parts = ['## Load it\n\nFrom this dataset\'s folder (or use its Hub id for `"."`):\n']
+    if "parquet" in recipe.output.formats:
+        parts.append(
+            """
 ```python
 from datasets import load_dataset
-ds = load_dataset("PATH_OR_REPO_ID")        # the Parquet files, images decoded, labels typed
+ds = load_dataset(".")  # the Parquet files: images decoded, labels typed
+print(ds)
 ```
-
-The same samples are in WebDataset tar shards under `webdataset/` for streaming:
+"""
+        )
+    pattern = tar_pattern(manifest)
+    if pattern is not None:
+        parts.append(
+            f"""
+The same samples are in WebDataset tar shards under `webdataset/`, for streaming:
 
 ```python
 import webdataset as wds
-ds = wds.WebDataset("webdataset/train-{{000000..000009}}.tar").decode("pil")
+ds = wds.WebDataset("{pattern}", shardshuffle=False).decode("pil")
 for sample in ds:
     image, meta = sample["{recipe.output.image_format}"], sample["json"]
+    break
 ```
-
 """
+        )
+    return "".join(parts) + "\n"
+
+
+def tar_pattern(manifest: Manifest) -> str | None:
+    """A brace pattern of the first split's (and strength's) tar shards, or None without tars."""
+    tars = [p for s in manifest.shards for p in s.files if p.startswith(f"{WEBDATASET}/")]
+    if not tars:
+        return None
+    first = manifest.shards[0]
+    group = [s for s in manifest.shards if (s.split, s.strength) == (first.split, first.strength)]
+    stem = first.name.rsplit("-", 1)[0]  # train, or train-s0500
+    numbers = sorted(s.shard for s in group)
+    if len(numbers) == 1:
+        return f"{WEBDATASET}/{stem}-{numbers[0]:06d}.tar"
+    if numbers != list(range(numbers[0], numbers[-1] + 1)):  # not made by synthgen's plan
+        return f"{WEBDATASET}/{stem}-{numbers[0]:06d}.tar"
+    return f"{WEBDATASET}/{stem}-{{{numbers[0]:06d}..{numbers[-1]:06d}}}.tar"
 
 
 def _generator(recipe: Recipe, manifest: Manifest) -> str:

@@ -98,14 +98,19 @@ class OutDir:
             self.fs.rm(self.path(relative), recursive=True)
 
     def listdir(self, relative: str) -> list[str]:
-        """Names (not paths) of the files directly under `relative`; empty if it is absent."""
+        """Names (not paths) of the files directly under `relative`; empty if it is absent.
+
+        Listings are never served from fsspec's cache: other processes (ranks, Ray actors on
+        other nodes) write into OUT, and an object store's cached listing would not show it."""
         folder = self.path(relative)
+        self.fs.invalidate_cache(folder)
         if not self.fs.exists(folder):
             return []
         return sorted(posixpath.basename(p.rstrip("/")) for p in self.fs.ls(folder, detail=False))
 
     def all_files(self) -> list[str]:
         """Every file below the root, as paths relative to it."""
+        self.fs.invalidate_cache(self.root)
         if not self.exists():
             return []
         prefix = self.root.rstrip("/") + "/"
@@ -113,6 +118,7 @@ class OutDir:
 
     def file_sizes(self) -> dict[str, int]:
         """Every file below the root with its size in bytes, from one listing (no reads)."""
+        self.fs.invalidate_cache(self.root)
         if not self.exists():
             return {}
         prefix = self.root.rstrip("/") + "/"

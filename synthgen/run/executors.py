@@ -297,8 +297,11 @@ class _RayShardWorker:
     def __init__(self, make_worker: WorkerFactory, device: str):
         self.worker = make_worker(device)
 
-    def run(self, task: ShardTask) -> int:
-        return self.worker.run_shard(task).count
+    def run(self, task: ShardTask) -> tuple[int, str]:
+        """The shard's sample count, and the Ray node that rendered it (for the log)."""
+        import ray  # optional dependency: only ever imported inside a Ray actor
+
+        return self.worker.run_shard(task).count, ray.get_runtime_context().get_node_id()
 
 
 class RayActors:
@@ -329,13 +332,15 @@ class RayActors:
             ready, _ = ray.wait(list(running), num_returns=1)
             actor, index = running.pop(ready[0])
             try:
-                progress(ray.get(ready[0]))
+                count, node = ray.get(ready[0])
             except ray.exceptions.RayActorError as exc:  # the actor died: replace it
                 retry = attempts.failed(index, f"Ray actor died: {exc.__class__.__name__}")
                 actor = make_actor()
             except Exception as exc:  # noqa: BLE001 - a RayTaskError wraps the shard's own error
                 retry = attempts.failed(index, short_error(getattr(exc, "cause", None) or exc))
             else:
+                progress(count)
+                log.info("shard %s committed on Ray node %s", attempts.tasks[index].name, node)
                 attempts.succeeded(index)
                 retry = False
             if retry:

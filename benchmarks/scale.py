@@ -1,0 +1,242 @@
+"""Bookkeeping at corpus scale: plan, claim, commit, resume check, finalize, `info` and loader
+start-up for 10^2, 10^3 and 10^4 shards, on local disk and on an S3 server on loopback (moto),
+and the bytes finalize reads beside the bytes in OUT.
+
+    python benchmarks/scale.py                       # 10^2, 10^3, 10^4 shards; local and S3
+    python benchmarks/scale.py --shards 100 1000 --markdown out.md
+
+Real rendering with the `tiny` model at 16² and one step, one image per shard: the point is
+the bookkeeping. Prints one JSON line per measurement; `--markdown FILE` appends a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # synthgen, when not pip-installed
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+from synthgen.data import parquet_dataset, webdataset_loader  # noqa: E402
+from synthgen.output.outdir import OutDir  # noqa: E402
+from synthgen.recipe.schema import recipe_from_dict  # noqa: E402
+from synthgen.run.finalize import finalize  # noqa: E402
+from synthgen.run.generate import claim_output, generate, run_state  # noqa: E402
+from synthgen.run.planning import build_plan  # noqa: E402
+
+
+def scale_recipe(shards: int, size: int = 16, per_shard: int = 1) -> dict:
+    return {
+        "name": "scale",
+        "seed": 1,
+        "num_samples": shards * per_shard,
+        "shard_size": per_shard,
+        "splits": {"train": 0.9, "test": 0.1},
+        "model": {"base": "tiny"},
+        "generation": {
+            "steps": 1,
+            "height": size,
+            "width": size,
+            "batch_size": 1,
+            "guidance_scale": 1.0,
+        },  # fmt: skip
+        "prompt": "x {a} {b}",
+        "labels": {
+            "a": {"dist": "categorical", "values": {"u": 1, "v": 1}},
+            "b": {"dist": "normal", "mean": 50, "std": 10, "min": 0, "max": 100, "dtype": "int"},
+        },
+    }
+
+
+def timed(function, *args, **kwargs) -> tuple[float, object]:
+    started = time.perf_counter()
+    result = function(*args, **kwargs)
+    return time.perf_counter() - started, result
+
+
+class CountingFS:
+    """An fsspec filesystem that counts the bytes read through it (OUT's files only, unlike
+    the process's read(2) counter, which sees fonts and libraries too)."""
+
+    def __init__(self, fs):
+        self.fs, self.read = fs, 0
+
+    def __getattr__(self, name):
+        return getattr(self.fs, name)
+
+    def cat_file(self, path, *args, **kwargs):
+        data = self.fs.cat_file(path, *args, **kwargs)
+        self.read += len(data)
+        return data
+
+    def open(self, path, mode="rb", **kwargs):
+        handle = self.fs.open(path, mode, **kwargs)
+        if "r" in mode:
+            counter, read = self, handle.read
+
+            def counted(*args):
+                data = read(*args)
+                counter.read += len(data)
+                return data
+
+            handle.read = counted
+        return handle
+
+
+def out_bytes(out: OutDir) -> int:
+    return sum(out.file_sizes().values())
+
+
+def first_samples(url: str) -> dict[str, float]:
+    started = time.perf_counter()
+    next(iter(webdataset_loader(url, "train", shuffle=0)))
+    stream = time.perf_counter() - started
+    started = time.perf_counter()
+    parquet_dataset(url, "train")[0]
+    return {"webdataset_first_s": stream, "parquet_first_s": time.perf_counter() - started}
+
+
+def info_seconds(url: str, env: dict | None = None) -> float:
+    started = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "synthgen", "info", url], check=True, capture_output=True,
+                   cwd=ROOT, env=env)  # fmt: skip
+    return time.perf_counter() - started
+
+
+def bookkeeping(url: str) -> dict[str, float]:
+    """What the resume check and finalize cost on a complete OUT, and what finalize reads."""
+    out = OutDir(url)
+    tasks = out.run_record().tasks
+    resume_s, _ = timed(run_state, out, tasks)
+    finalize(out)  # warm: imports and caches, so the next call measures finalize alone
+    out.fs = counting = CountingFS(out.fs)
+    finalize_s, _ = timed(finalize, out)
+    read = counting.read
+    out.fs = counting.fs
+    total = out_bytes(out)
+    return {"resume_check_s": resume_s, "finalize_s": finalize_s, "finalize_read_bytes": read,
+            "out_bytes": total, "finalize_read_share": read / total}  # fmt: skip
+
+
+def local_run(shards: int, base: Path, size: int = 16) -> dict:
+    recipe = recipe_from_dict(scale_recipe(shards, size))
+    plan_s, plan = timed(build_plan, recipe)
+    url = str(base / f"local-{shards}-{size}")
+    claim_s, _ = timed(claim_output, OutDir(url), recipe, plan)
+    wall, _ = timed(generate, recipe, url)
+    records = OutDir(url).committed_records().values()
+    write = sum(r.seconds.get("write", 0.0) for r in records) / shards
+    commit_s, _ = timed(_rewrite_commits, OutDir(url), list(records))
+    result = {
+        "where": "local", "shards": shards, "size": size, "plan_s": plan_s, "claim_s": claim_s,
+        "generate_s": wall, "shard_wall_s": wall / shards, "shard_write_s": write,
+        "shard_commit_s": commit_s / shards,
+        **bookkeeping(url), "info_s": info_seconds(url), **first_samples(url),
+    }  # fmt: skip
+    return result
+
+
+def _rewrite_commits(out: OutDir, records: list) -> None:
+    """Write every commit record again, as committing shards does (the cost of the record)."""
+    for record in records:
+        out.commit(record)
+
+
+def s3_run(shards: int, base: Path, server) -> dict:
+    fs, env = server
+    local = base / f"local-{shards}-16"
+    fs.put(str(local), f"bucket/scale-{shards}", recursive=True)
+    url = f"s3://bucket/scale-{shards}"
+    import datasets  # offline mode would refuse the loopback server as "the network"
+
+    datasets.config.HF_HUB_OFFLINE = False
+    result = {"where": "s3 (moto, loopback)", "shards": shards, "size": 16,
+              **bookkeeping(url), "info_s": info_seconds(url, env),
+              **first_samples(url)}  # fmt: skip
+    return result
+
+
+class MotoS3:
+    """moto's S3 on 127.0.0.1 for this process (env vars point s3fs at it)."""
+
+    def __enter__(self):
+        from moto.server import ThreadedMotoServer
+
+        logging.getLogger("werkzeug").setLevel(logging.WARNING)
+        self.server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+        self.server.start()
+        host, port = self.server.get_host_and_port()
+        values = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                  "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": f"http://{host}:{port}",
+                  "NO_PROXY": "127.0.0.1,localhost"}  # fmt: skip
+        os.environ.update(values)
+        import s3fs
+
+        fs = s3fs.S3FileSystem(endpoint_url=values["AWS_ENDPOINT_URL"], skip_instance_cache=True)
+        fs.mkdir("bucket")
+        return fs, dict(os.environ)
+
+    def __exit__(self, *exc_info) -> None:
+        self.server.stop()
+
+
+def markdown(rows: list[dict]) -> str:
+    lines = [
+        "| where | shards | image | plan s | claim s | resume check s | finalize s | finalize "
+        "reads / OUT bytes | info s | webdataset first s | parquet first s | per-shard write + "
+        "commit s | shard wall s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        per_shard = "-"
+        if "shard_write_s" in r:
+            per_shard = f"{r['shard_write_s'] + r['shard_commit_s']:.4f}"
+        lines.append(
+            f"| {r['where']} | {r['shards']} | {r['size']}² | {r.get('plan_s', float('nan')):.3f} "
+            f"| {r.get('claim_s', float('nan')):.3f} | {r['resume_check_s']:.2f} | "
+            f"{r['finalize_s']:.2f} | {r['finalize_read_bytes']:,} / {r['out_bytes']:,} "
+            f"({100 * r['finalize_read_share']:.2f}%) | {r['info_s']:.2f} | "
+            f"{r['webdataset_first_s']:.2f} | {r['parquet_first_s']:.2f} | {per_shard} | "
+            f"{r.get('shard_wall_s', float('nan')):.4f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--shards", type=int, nargs="+", default=[100, 1000, 10_000])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[64, 512],
+                        help="image sides for the bytes-vs-shards comparison at the first count")  # fmt: skip
+    parser.add_argument("--no-s3", action="store_true", help="local disk only")
+    parser.add_argument("--markdown", type=Path, help="append a markdown table to this file")
+    args = parser.parse_args(argv)
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="synthgen-scale-") as folder:
+        base = Path(folder)
+        for shards in args.shards:
+            rows.append(local_run(shards, base))
+            print(json.dumps(rows[-1]), flush=True)
+        for size in args.sizes:
+            rows.append(local_run(args.shards[0], base, size))
+            print(json.dumps(rows[-1]), flush=True)
+        if not args.no_s3:
+            with MotoS3() as server:
+                for shards in args.shards:
+                    rows.append(s3_run(shards, base, server))
+                    print(json.dumps(rows[-1]), flush=True)
+    if args.markdown:
+        with open(args.markdown, "a") as handle:
+            handle.write(markdown(rows))
+
+
+if __name__ == "__main__":
+    main()
