@@ -262,3 +262,37 @@ def test_validate_inspects_the_lora_by_its_header_without_torch(tmp_path, compon
     code, stdout, stderr = out["partial"]
     assert code == 2 and "Traceback" not in stderr and stderr.count("\n") == 1
     assert "model.lora: 6 of" in stderr and "allow_partial" in stderr
+
+
+def test_shipped_synthmed_recipes_state_alpha_32():
+    from conftest import ROOT
+
+    from synthgen.recipe.schema import load_recipe
+
+    with_lora = [load_recipe(path) for path in sorted((ROOT / "recipes").glob("*.yaml"))]
+    with_lora = [recipe for recipe in with_lora if recipe.model.lora is not None]
+    assert len(with_lora) == 4
+    assert all(recipe.model.lora.alpha == 32 for recipe in with_lora)
+
+
+def test_generate_warns_once_and_records_rank_alpha_and_source(tmp_path, unet_state):
+    import json
+
+    from conftest import run_cli, small_recipe, write_recipe
+
+    path = write_peft_layout(unet_state, tmp_path / "lora" / "lora_weights.safetensors")
+    records = {}
+    for alpha in (None, ALPHA):
+        recipe = small_recipe(num_samples=2, shard_size=2)
+        recipe["splits"] = {"train": 1.0}
+        recipe["model"] = {"base": "tiny", "lora": {"path": str(path)}}
+        if alpha is not None:
+            recipe["model"]["lora"]["alpha"] = alpha
+        out = tmp_path / f"out-{alpha}"
+        result = run_cli("generate", str(write_recipe(tmp_path / "r.yaml", recipe)), "-o", str(out))
+        warnings = [line for line in result.stderr.splitlines() if line.startswith("warning:")]
+        assert len(warnings) == (1 if alpha is None else 0), result.stderr
+        records[alpha] = json.loads((out / "manifest.json").read_text())["model"]
+    assert (records[None]["lora_rank"], records[None]["lora_alpha"]) == (RANK, RANK)
+    assert records[None]["lora_alpha_source"].startswith("assumed")
+    assert (records[ALPHA]["lora_alpha"], records[ALPHA]["lora_alpha_source"]) == (ALPHA, "recipe")

@@ -44,6 +44,7 @@ def quiet_libraries() -> None:
     diffusers_logging.set_verbosity_error()
     transformers_logging.set_verbosity_error()
     diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()  # "Loading weights" of a text-encoder LoRA
 
 
 def resolve_dtype(name: str, device: str) -> torch.dtype:
