@@ -158,6 +158,52 @@ def test_attention_processor_file_loads(tmp_path, unet_state):
     assert_same_as_diffusers(ours, diffusers_fused(prefixed))
 
 
+def test_pre_peft_diffusers_file_loads(tmp_path, full_state):
+    """diffusers' own layout before PEFT: `unet.<module>.lora.down.weight` and
+    `text_encoder.<module>.lora_linear_layer.down.weight`, no alpha."""
+    from safetensors.torch import save_file
+
+    old = {}
+    for key, tensor in full_state.items():
+        layer = ".lora." if key.startswith("unet.") else ".lora_linear_layer."
+        old[key.replace(".lora_A.", f"{layer}down.").replace(".lora_B.", f"{layer}up.")] = tensor
+    path = tmp_path / "old.safetensors"
+    save_file(old, str(path))
+    ours, lora = synthgen_fused(path)
+    assert lora.layout.startswith("diffusers, pre-PEFT") and lora.modules == len(full_state) // 2
+    assert_same_as_diffusers(ours, diffusers_fused(path))
+
+
+def test_ranks_and_alphas_that_differ_per_module(tmp_path, unet_state):
+    """kohya files may give each module its own rank and alpha: each is used for its module.
+
+    diffusers 0.42 uses a module's own rank, but not its own kohya alpha (its alpha_pattern keeps
+    the pre-PEFT key names, which match no module: PEFT warns and ignores them), so that one layer
+    is checked by hand and every other against diffusers."""
+    from safetensors.torch import load_file, save_file
+
+    state = dict(unet_state)
+    small = "unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"
+    state[f"{small}.lora_A.weight"] = state[f"{small}.lora_A.weight"][:8].clone()
+    state[f"{small}.lora_B.weight"] = state[f"{small}.lora_B.weight"][:, :8].clone()
+    path = write_kohya_layout(state, tmp_path / "kohya.safetensors", rank=RANK, alpha=ALPHA)
+    tensors = load_file(str(path))
+    own = "up_blocks.0.attentions.1.transformer_blocks.0.attn2.to_v"
+    tensors[f"lora_unet_{own.replace('.', '_')}.alpha"] = torch.tensor(4.0)
+    save_file(tensors, str(path))
+    ours, lora = synthgen_fused(path)
+    assert (lora.rank, lora.alpha) == (RANK, ALPHA)  # the commonest of each
+    reference = diffusers_fused(path).unet.state_dict()
+    base = _preset_components("tiny")["unet"].state_dict()
+    for key, tensor in ours.unet.state_dict().items():
+        if key == f"{own}.weight":
+            down, up = state[f"unet.{own}.lora_A.weight"], state[f"unet.{own}.lora_B.weight"]
+            expected = base[key] + 4.0 / RANK * up @ down
+            torch.testing.assert_close(tensor, expected, atol=1e-5, rtol=1e-5)
+        else:
+            assert (tensor - reference[key]).abs().max().item() <= WEIGHT_TOLERANCE, key
+
+
 def test_scale_multiplies_the_alpha_update(tmp_path, unet_state):
     path = write_peft_layout(unet_state, tmp_path / "lora.safetensors", alpha=ALPHA)
     ours, _ = synthgen_fused(path, scale=0.5)
