@@ -58,11 +58,17 @@ def main() -> None:
 def validate(recipe: Path) -> None:
     """Check RECIPE (and its cohort: columns, labels, every image) without rendering anything."""
     from synthgen.recipe.schema import load_recipe
+    from synthgen.render.lora.fit import inspect_lora
     from synthgen.render.model_files import check_model_reference
     from synthgen.run.planning import build_plan
 
     loaded = load_recipe(recipe)
     check_model_reference(loaded.model, file=str(recipe))
+    lora_lines, lora_warnings = inspect_lora(loaded.model)
+    for line in lora_lines:
+        click.echo(f"lora: {line}")
+    for warning in lora_warnings:
+        click.echo(f"warning: {warning}", err=True)
     plan = build_plan(loaded, check_images=True)
     detail = f"{plan.total} samples in {len(plan.tasks)} shards"
     if plan.cohort is not None:
@@ -129,12 +135,15 @@ def generate(recipe, out, num_samples, devices, workers_per_device, executor, ad
              world_size, max_retries, overwrite, verify):  # fmt: skip
     """Render RECIPE into OUT; resumes a partial run of the same recipe."""
     from synthgen.recipe.schema import load_recipe
+    from synthgen.render.lora.fit import inspect_lora
     from synthgen.render.model_files import check_model_reference
     from synthgen.run.generate import generate as run
     from synthgen.run.launch import resolve_execution
 
     loaded = load_recipe(recipe, num_samples=num_samples)
     check_model_reference(loaded.model, file=str(recipe))
+    for warning in inspect_lora(loaded.model)[1]:
+        click.echo(f"warning: {warning}", err=True)
     execution = resolve_execution(
         out, devices, workers_per_device, executor, address, rank, world_size, max_retries
     )
@@ -299,7 +308,8 @@ def schema() -> None:
     "--embedder",
     default="pixels",
     show_default=True,
-    help="pixels[:SIZE] | torchvision:ARCH[@WEIGHTS] | timm:ARCH[@WEIGHTS] | PATH.pt",
+    help="pixels[:SIZE] | torchvision:ARCH[@WEIGHTS] | timm:ARCH[@WEIGHTS] | PATH of a TorchScript"
+    " or exported program",
 )
 @click.option("--predictor", default=None, help="A model predicting the labels (same syntax).")
 @click.option("--holdout", default=None, help="T2I: a manifest of real images never trained on.")

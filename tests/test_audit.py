@@ -364,13 +364,16 @@ def test_bad_cohorts_are_clear_errors(cohort, tmp_path):
 def test_embedders_that_cannot_load_offline_are_clear_errors(tmp_path):
     with pytest.raises(AuditError, match="unknown embedder"):
         load_embedder("clip-vit", "cpu")
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.zeros(2)}, str(tmp_path / "weights.bin"))  # safetensors by its bytes
     with pytest.raises(AuditError, match="weights only; name its architecture"):
-        load_embedder(str(tmp_path / "model.safetensors"), "cpu")
+        load_embedder(str(tmp_path / "weights.bin"), "cpu")
     with pytest.raises(AuditError, match="no such file"):
         load_embedder(str(tmp_path / "missing.pt"), "cpu")
     not_script = tmp_path / "state.pt"
     torch.save({"w": torch.zeros(2)}, not_script)
-    with pytest.raises(AuditError, match="not a TorchScript module"):
+    with pytest.raises(AuditError, match="a torch.save zip archive of pickles"):
         load_embedder(str(not_script), "cpu")
     with pytest.raises(AuditError, match="only \\?size=N"):
         load_embedder("pixels?colour=1", "cpu")
@@ -402,7 +405,7 @@ def test_exported_program_embedder(tmp_path):
     assert features[0, :16] == pytest.approx(torch.ones(16))
     assert embedder.weights_sha256 == file_sha256(path)
     (tmp_path / "junk.pt2").write_bytes(b"nothing")
-    with pytest.raises(AuditError, match="not a torch.export program"):
+    with pytest.raises(AuditError, match="not a saved TorchScript or exported program"):
         load_embedder(str(tmp_path / "junk.pt2"), "cpu")
 
 

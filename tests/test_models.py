@@ -35,12 +35,12 @@ def base_images():
 def test_peft_and_kohya_layouts_load_to_the_same_weights(tmp_path, lora_state, base_images):
     peft = write_peft_layout(lora_state, tmp_path / "peft.safetensors")
     kohya = write_kohya_layout(lora_state, tmp_path / "kohya.safetensors")
-    with_peft, lora_sha = load_pipeline(ModelConfig(base="tiny", lora=LoraConfig(path=str(peft))))
+    with_peft, lora = load_pipeline(ModelConfig(base="tiny", lora=LoraConfig(path=str(peft))))
     with_kohya, _ = load_pipeline(ModelConfig(base="tiny", lora=LoraConfig(path=str(kohya))))
     peft_images, kohya_images = render(with_peft), render(with_kohya)
     assert np.abs(peft_images - base_images).max() > 0.05, "the LoRA must change the output"
     np.testing.assert_allclose(peft_images, kohya_images, atol=1e-5)
-    assert lora_sha and len(lora_sha) == 64
+    assert lora.sha256 == file_sha256(peft)
 
 
 @pytest.mark.parametrize("scale", [1.0, 0.5])
@@ -66,16 +66,16 @@ def test_lora_in_a_directory_with_weight_name(tmp_path, lora_state):
     config = LoraConfig(
         path=str(tmp_path / "synthmed-loras"), weight_name="hpp-retina/lora_weights.safetensors"
     )
-    _, lora_sha = load_pipeline(ModelConfig(base="tiny", lora=config))
-    assert lora_sha == file_sha256(folder / "lora_weights.safetensors")
+    _, lora = load_pipeline(ModelConfig(base="tiny", lora=config))
+    assert lora.sha256 == file_sha256(folder / "lora_weights.safetensors")
 
 
 def test_local_diffusers_directory_matches_the_preset(tmp_path, base_images):
     pipe, _ = load_pipeline(ModelConfig(base="tiny"))
     pipe.save_pretrained(tmp_path / "tiny-dir")
-    loaded, lora_sha = load_pipeline(ModelConfig(base=str(tmp_path / "tiny-dir")))
+    loaded, lora = load_pipeline(ModelConfig(base=str(tmp_path / "tiny-dir")))
     np.testing.assert_allclose(render(loaded), base_images, atol=1e-6)
-    assert lora_sha is None
+    assert lora is None
 
 
 def test_uncached_hub_model_is_one_clear_error():

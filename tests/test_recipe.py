@@ -101,12 +101,14 @@ BAD_RECIPES = [
     pytest.param(changed("labels.sex.values.male", 0), "labels.sex.values", id="weight-0"),
     pytest.param(changed("labels.sex.values.male", -1), "labels.sex.values", id="weight-negative"),
     pytest.param(
-        changed("model.lora", {"path": "./lora", "weight_name": "x.bin"}),
-        "model.lora.weight_name",
-        id="lora-pickle-weight-name",
+        changed("model.lora", {"path": "./x.safetensors", "alpha": 0}),
+        "model.lora.alpha",
+        id="lora-alpha-0",
     ),
     pytest.param(
-        changed("model.lora", {"path": "./lora.ckpt"}), "model.lora.path", id="lora-pickle-path"
+        changed("model.lora", {"path": "./x.safetensors", "alpha": True}),
+        "model.lora.alpha",
+        id="lora-alpha-bool",
     ),
     pytest.param(changed("prompt", "fundus of {diagnosis}"), "prompt", id="prompt-unknown-label"),
     pytest.param(changed("prompt", "{age.__class__}"), "prompt", id="prompt-attribute"),

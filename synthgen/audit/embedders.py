@@ -5,19 +5,27 @@ Names:
     pixels[:SIZE]                 downsampled RGB pixels, SIZE x SIZE (default 16), standardised
                                   per image, so cosine similarity is pixel correlation; no weights
     torchvision:ARCH[@WEIGHTS]    a torchvision model by name (torchvision:resnet50); WEIGHTS is a
-                                  state dict (.safetensors, .pt, .pth); without it, the file
-                                  torchvision would download must already be in the torch hub cache
+                                  safetensors state dict; without it, torchvision's file must be in
+                                  the torch hub cache and be safetensors (its own .pth downloads are
+                                  pickles: convert them once, see below)
     timm:ARCH[@WEIGHTS]           a timm model by name; without WEIGHTS, its model.safetensors must
                                   already be in the Hugging Face cache
-    PATH.pt | PATH.pth | PATH.ts  a TorchScript module (torch.jit.save), e.g. a re-identification
-    torchscript:PATH              network trained on your own cohort: the strongest attacker
-    PATH.pt2                      a torch.export program (torch.export.save), exported with a
-                                  dynamic batch dimension; the successor to TorchScript
+    PATH | torchscript:PATH       your own model: a TorchScript module (torch.jit.save) or a
+                                  torch.export program (torch.export.save, with a dynamic batch
+                                  dimension), told apart by its bytes, whatever its name; e.g. a
+                                  re-identification network trained on your cohort, the strongest
+                                  attacker
 
 Any name may end in `?size=N` (network input side, default 224; for pixels, same as `:N`).
 Backbones get ImageNet-normalised RGB at N x N and lose their classifier head when used as
 embedders (a predictor keeps it). TorchScript and exported modules get float RGB in [0, 1], shape
 (B, 3, N, N), and do their own normalisation; they must return (B, D).
+
+Weight files are opened by their bytes (synthgen.weight_files, which says why TorchScript is
+acceptable for a model you name as yours and how exported programs are kept from unpickling):
+a state dict must be safetensors, a program TorchScript or an exported program without pickles;
+a `torch.save` pickle is refused under any name. To convert a pickled state dict you trust:
+`safetensors.torch.save_file(torch.load(PATH, weights_only=True), "weights.safetensors")`.
 
 Nothing is ever downloaded. The default embedders are generic: they give a lower bound on
 re-identification risk, since an attacker with a network trained on the cohort can do better.
@@ -36,12 +44,17 @@ from PIL import Image
 
 from synthgen.errors import SynthgenError
 from synthgen.hashing import file_sha256
+from synthgen.weight_files import (
+    RefusedWeightFile,
+    exported_program,
+    program_kind,
+    read_safetensors_header,
+)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 DEFAULT_PIXELS_SIZE = 16  # 768 features: FID's matrix square root stays cheap on a CPU
 DEFAULT_NETWORK_SIZE = 224
-TORCHSCRIPT_SUFFIXES = (".pt", ".pth", ".ts", ".jit")
 
 
 class AuditError(SynthgenError):
@@ -137,27 +150,41 @@ def load_embedder(name: str, device: str = "cpu", *, keep_head: bool = False) ->
         model, sha = _load_timm(name, arch, weights or None, keep_head)
         return Embedder(name, sha, size, _on_device(model, device), True, device)
     path = Path(base.removeprefix("torchscript:")).expanduser()
-    if path.suffix == ".pt2":
-        sha = file_sha256(_existing(name, path))
-        return Embedder(name, sha, size, _load_exported(name, path, device), False, device)
-    if base.startswith("torchscript:") or path.suffix in TORCHSCRIPT_SUFFIXES:
-        return Embedder(
-            name,
-            file_sha256(_existing(name, path)),
-            size,
-            _load_torchscript(name, path, device),
-            False,
-            device,
-        )
-    if path.suffix == ".safetensors":
-        raise AuditError(
-            f"embedder {name!r}: a .safetensors file holds weights only; name its architecture, "
-            f"e.g. torchvision:resnet18@{path} or timm:ARCH@{path}"
-        )
+    if path.is_file():
+        return _load_program(name, path, size, device)
+    if base.startswith("torchscript:") or path.suffix or "/" in base:
+        raise AuditError(f"embedder {name!r}: no such file {path}")
     raise AuditError(
         f"unknown embedder {name!r}: use pixels, torchvision:ARCH[@WEIGHTS], "
-        "timm:ARCH[@WEIGHTS], or the path of a TorchScript module (.pt)"
+        "timm:ARCH[@WEIGHTS], or the path of your own TorchScript or exported program"
     )
+
+
+def _load_program(name: str, path: Path, size: int, device: str) -> Embedder:
+    """A user's own model file, told apart by its bytes: TorchScript or an exported program."""
+    try:
+        kind = program_kind(path)
+    except RefusedWeightFile as refused:
+        if _is_safetensors(path):
+            raise AuditError(
+                f"embedder {name!r}: a safetensors file holds weights only; name its "
+                f"architecture, e.g. torchvision:resnet18@{path} or timm:ARCH@{path}"
+            ) from None
+        raise AuditError(
+            f"embedder {name!r}: {path} is {refused}; give a TorchScript (torch.jit.save) or "
+            "exported (torch.export.save) program, or for a safetensors state dict name its "
+            "architecture: torchvision:ARCH@PATH or timm:ARCH@PATH"
+        ) from None
+    load = _load_torchscript if kind == "torchscript" else _load_exported
+    return Embedder(name, file_sha256(path), size, load(name, path, device), False, device)
+
+
+def _is_safetensors(path: Path) -> bool:
+    try:
+        read_safetensors_header(path)
+    except RefusedWeightFile:
+        return False
+    return True
 
 
 def _existing(name: str, path: Path) -> Path:
@@ -171,20 +198,28 @@ def _on_device(model: torch.nn.Module, device: str) -> torch.nn.Module:
 
 
 def _load_torchscript(name: str, path: Path, device: str) -> torch.nn.Module:
+    """Its layout was checked by program_kind; its pickles are read by TorchScript's own
+    unpickler, which calls no Python function (synthgen.weight_files says why that is enough)."""
     try:
         module = torch.jit.load(str(path), map_location=device)
     except Exception as exc:
         raise AuditError(
-            f"embedder {name!r}: {path} is not a TorchScript module ({exc.__class__.__name__}); "
-            "save one with torch.jit.save(torch.jit.script(model), path), or for a state dict "
-            "name its architecture: torchvision:ARCH@PATH or timm:ARCH@PATH"
+            f"embedder {name!r}: {path} does not load as TorchScript ({exc.__class__.__name__}); "
+            "save one with torch.jit.save(torch.jit.script(model), path)"
         ) from exc
     return module.eval()
 
 
 def _load_exported(name: str, path: Path, device: str) -> torch.nn.Module:
     try:
-        return torch.export.load(str(path)).module().to(device)
+        archive = exported_program(path)  # checked free of pickles; its sample inputs emptied
+    except RefusedWeightFile as refused:
+        raise AuditError(
+            f"embedder {name!r}: {path} is {refused}; synthgen loads an exported program only "
+            "when torch would unpickle nothing in it"
+        ) from None
+    try:
+        return torch.export.load(archive).module().to(device)
     except Exception as exc:
         raise AuditError(
             f"embedder {name!r}: {path} is not a torch.export program ({exc.__class__.__name__}); "
@@ -193,23 +228,23 @@ def _load_exported(name: str, path: Path, device: str) -> torch.nn.Module:
         ) from exc
 
 
-def _read_state_dict(name: str, path: Path) -> dict[str, torch.Tensor]:
+def read_state_dict(name: str, path: Path) -> dict[str, torch.Tensor]:
+    """A backbone's state dict, from a file whose bytes are safetensors (never a pickle)."""
     _existing(name, path)
     try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
+        read_safetensors_header(path)
+    except RefusedWeightFile as refused:
+        raise AuditError(
+            f"embedder {name!r}: the weights {path} are {refused}; synthgen reads state dicts "
+            "only from safetensors files: convert one you trust with safetensors.torch.save_file"
+            "(torch.load(PATH, weights_only=True), 'weights.safetensors')"
+        ) from None
+    from safetensors.torch import load_file
 
-            state = load_file(str(path))
-        else:
-            state = torch.load(str(path), map_location="cpu", weights_only=True)
+    try:
+        return load_file(str(path))
     except Exception as exc:
         raise AuditError(f"embedder {name!r}: cannot read weights {path}: {exc}") from exc
-    for key in ("state_dict", "model"):  # common training-checkpoint wrappers
-        if isinstance(state, dict) and isinstance(state.get(key), dict):
-            state = state[key]
-    if not isinstance(state, dict):
-        raise AuditError(f"embedder {name!r}: {path} does not hold a state dict")
-    return state
 
 
 def _load_torchvision(
@@ -221,7 +256,7 @@ def _load_torchvision(
         raise AuditError(
             f"embedder {name!r} needs torchvision, which cannot be imported here ({exc}); install "
             "the torchvision that matches your torch, or export the model with torch.jit.save "
-            "and pass the .pt path"
+            "and pass its path"
         ) from exc
     try:
         model = torchvision.models.get_model(arch, weights=None)
@@ -239,7 +274,7 @@ def _load_torchvision(
                 f"torchvision:{arch}@/path/weights.safetensors"
             )
     try:
-        model.load_state_dict(_read_state_dict(name, path))
+        model.load_state_dict(read_state_dict(name, path))
     except RuntimeError as exc:
         raise AuditError(f"embedder {name!r}: {path} does not fit {arch}: {exc}") from exc
     if not keep_head:
@@ -258,7 +293,7 @@ def _load_timm(
     except Exception as exc:
         raise AuditError(
             f"embedder {name!r} needs timm, which cannot be imported here ({exc}); "
-            "pip install timm, or export the model to TorchScript and pass the .pt path"
+            "pip install timm, or export the model to TorchScript and pass its path"
         ) from exc
     try:
         model = timm.create_model(arch, pretrained=False)
@@ -278,7 +313,7 @@ def _load_timm(
             )
         path = Path(cached)
     try:
-        model.load_state_dict(_read_state_dict(name, path))
+        model.load_state_dict(read_state_dict(name, path))
     except RuntimeError as exc:
         raise AuditError(f"embedder {name!r}: {path} does not fit {arch}: {exc}") from exc
     if not keep_head:

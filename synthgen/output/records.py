@@ -123,7 +123,11 @@ class ShardRecord(ShardEntry):
 
 @dataclass(frozen=True)
 class ModelRecord:
-    """What the manifest and the card say about the model that made the images."""
+    """What the manifest and the card say about the model that made the images.
+
+    With a LoRA it also says the rank and alpha that were fused and where alpha came from
+    ("file: …", "recipe" or "assumed: …"); a record without a LoRA leaves those keys out.
+    """
 
     base: str
     revision: str | None
@@ -131,12 +135,30 @@ class ModelRecord:
     lora_weight_name: str | None
     lora_scale: float | None
     lora_sha256: str | None
+    lora_rank: int | None = None
+    lora_alpha: float | None = None
+    lora_alpha_source: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        if self.lora is None:
+            for name in ("lora_rank", "lora_alpha", "lora_alpha_source"):
+                del data[name]
+        return data
 
     def to_json(self) -> bytes:
-        return json.dumps(asdict(self), indent=2).encode()
+        return json.dumps(self.to_dict(), indent=2).encode()
 
     @classmethod
-    def from_config(cls, config: ModelConfig, lora_sha256: str | None) -> ModelRecord:
+    def from_config(
+        cls,
+        config: ModelConfig,
+        lora_sha256: str | None,
+        *,
+        lora_rank: int | None = None,
+        lora_alpha: float | None = None,
+        lora_alpha_source: str | None = None,
+    ) -> ModelRecord:
         lora = config.lora
         return cls(
             base=config.base,
@@ -145,6 +167,9 @@ class ModelRecord:
             lora_weight_name=lora.weight_name if lora else None,
             lora_scale=lora.scale if lora else None,
             lora_sha256=lora_sha256,
+            lora_rank=lora_rank,
+            lora_alpha=lora_alpha,
+            lora_alpha_source=lora_alpha_source,
         )
 
     @classmethod
@@ -184,7 +209,7 @@ class Manifest:
             "mode": self.mode,
             "recipe_sha256": self.recipe_sha256,
             "versions": self.versions,
-            "model": asdict(self.model) if self.model else {},
+            "model": self.model.to_dict() if self.model else {},
             "num_samples": self.num_samples,
             "counts": self.counts,
             "counts_by_strength": self.counts_by_strength,

@@ -25,7 +25,6 @@ from synthgen.recipe.prompts import render_prompt, template_fields
 
 REDACTED = "<redacted: protected path>"
 PRESETS = ("tiny", "sd14-random")  # built-in models, made offline in synthgen.render.pipeline
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 # (section, field) of every path to real patients' data: made absolute on load, redacted in OUT.
 PROTECTED_PATHS = (("source", "manifest"), ("privacy", "linkage"), ("labels_from", "table"))
 
@@ -40,20 +39,19 @@ class Strict(BaseModel):
 
 
 class LoraConfig(Strict):
+    """A LoRA to fuse into the base model. Whether its file is safetensors is decided by its bytes
+    when it is opened (synthgen.weight_files), never by its name.
+
+    `alpha` is what the adapter was trained with (the update is scale × alpha / rank, rank read
+    from the file); a file that states its own alpha must agree with it. `allow_partial` loads a
+    file whose keys do not all land on the base model (the dropped keys are counted).
+    """
+
     path: str
     weight_name: str | None = None
     scale: float = 1.0
-
-    @model_validator(mode="after")
-    def _safetensors_only(self) -> LoraConfig:
-        for field, value in (("path", self.path), ("weight_name", self.weight_name)):
-            if value and value.lower().endswith(PICKLE_SUFFIXES):
-                raise FieldError(
-                    field,
-                    f"'{value}' is a pickle checkpoint, which can run arbitrary code; "
-                    "convert it to .safetensors",
-                )
-        return self
+    alpha: float | None = Field(None, gt=0, allow_inf_nan=False, strict=True)
+    allow_partial: bool = Field(False, strict=True)
 
 
 class ModelConfig(Strict):

@@ -1,6 +1,7 @@
-"""Everything that makes pixels: pipeline loading, LoRA, device tuning, DDIM, the prompt cache and
-the batch renderer.
+"""Everything that makes pixels: pipeline loading, the built-in presets, LoRA (the `lora`
+subpackage), device tuning, DDIM, the prompt cache and the batch renderer.
 
-May import `synthgen.plan`, `synthgen.recipe`, `synthgen.hashing` and `synthgen.errors`; knows
-nothing of OUT, processes or Ray. `model_files` imports no torch (validation uses it).
+May import `synthgen.plan`, `synthgen.recipe`, `synthgen.hashing`, `synthgen.weight_files` and
+`synthgen.errors`; knows nothing of OUT, processes or Ray. `model_files`, `presets` and
+`lora.layout`/`lora.base_modules`/`lora.fit` import no torch (validation uses them).
 """

@@ -1,4 +1,5 @@
-"""Pipelines: a Hub id, a local diffusers directory or a built-in preset, plus a fused LoRA.
+"""Pipelines: a Hub id, a local diffusers directory or a built-in preset, plus a fused LoRA
+(synthgen.render.lora).
 
 The presets exist because no weights can be downloaded where synthgen is developed: `tiny` is a
 random miniature SD-1.x pipeline (seconds on CPU) and `sd14-random` has the real SD-1.4 shapes
@@ -15,9 +16,10 @@ from pathlib import Path
 import torch
 
 from synthgen.errors import ModelError
-from synthgen.hashing import file_sha256
-from synthgen.recipe.schema import LoraConfig, ModelConfig
-from synthgen.render.model_files import PRESETS, lora_file
+from synthgen.recipe.schema import PRESETS, ModelConfig
+from synthgen.render.lora.apply import AppliedLora, apply_lora
+from synthgen.render.model_files import check_pipeline_folder
+from synthgen.render.presets import BYTE_VOCAB, PRESET_CONFIGS
 
 _SD_SCHEDULER = dict(
     beta_start=0.00085,
@@ -42,6 +44,7 @@ def quiet_libraries() -> None:
     diffusers_logging.set_verbosity_error()
     transformers_logging.set_verbosity_error()
     diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()  # "Loading weights" of a text-encoder LoRA
 
 
 def resolve_dtype(name: str, device: str) -> torch.dtype:
@@ -76,42 +79,14 @@ def _preset_components(name: str) -> dict:
     from transformers import CLIPTextConfig, CLIPTextModel
 
     tokenizer, vocab = _byte_level_tokenizer()
-    if name == "tiny":
-        text = CLIPTextConfig(
-            vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-            num_attention_heads=4, max_position_embeddings=77, bos_token_id=vocab - 2,
-            eos_token_id=vocab - 1, pad_token_id=vocab - 1,
-        )  # fmt: skip
-        unet = dict(
-            block_out_channels=(32, 64), layers_per_block=1, sample_size=8, cross_attention_dim=32,
-            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=4,
-            norm_num_groups=16,
-        )  # fmt: skip
-        vae = dict(
-            block_out_channels=(16, 16, 32, 32), layers_per_block=1, latent_channels=4,
-            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-            norm_num_groups=8, sample_size=64,
-        )  # fmt: skip
-    else:  # sd14-random: the configs of CompVis/stable-diffusion-v1-4
-        text = CLIPTextConfig(
-            vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-            num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu",
-            projection_dim=768, bos_token_id=vocab - 2, eos_token_id=vocab - 1,
-            pad_token_id=vocab - 1,
-        )  # fmt: skip
-        unet = dict(sample_size=64, cross_attention_dim=768, attention_head_dim=8)
-        vae = dict(
-            block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
-            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-            sample_size=512,
-        )  # fmt: skip
+    assert vocab == BYTE_VOCAB, "the preset text configs are sized for the byte-level tokenizer"
+    preset = PRESET_CONFIGS[name]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)  # random, but the same weights on every machine and run
         return dict(
-            unet=UNet2DConditionModel(**unet),
-            vae=AutoencoderKL(**vae),
-            text_encoder=CLIPTextModel(text),
+            unet=UNet2DConditionModel(**preset.unet),
+            vae=AutoencoderKL(**preset.vae),
+            text_encoder=CLIPTextModel(CLIPTextConfig(**preset.text)),
             tokenizer=tokenizer,
             scheduler=DDIMScheduler(**_SD_SCHEDULER),
             safety_checker=None,
@@ -127,6 +102,8 @@ def _load_base(config: ModelConfig, dtype: torch.dtype):
         return StableDiffusionPipeline(
             **_preset_components(config.base), requires_safety_checker=False
         ).to(dtype=dtype)
+    if Path(config.base).is_dir():
+        check_pipeline_folder(Path(config.base))  # before diffusers opens any file in it
     try:
         # Medical images trip the NSFW safety checker, which blanks them: it is always off.
         pipe = StableDiffusionPipeline.from_pretrained(
@@ -148,29 +125,10 @@ def _load_base(config: ModelConfig, dtype: torch.dtype):
     return pipe.to(dtype=dtype)
 
 
-def apply_lora(pipe, lora: LoraConfig, *, fuse: bool = True) -> str:
-    """Load a LoRA (diffusers/PEFT or kohya key layout) and fuse it; return the file's sha256."""
-    path = lora_file(lora)
-    if not path.is_file():
-        raise ModelError(f"LoRA file '{path.name}' not found", where="model.lora.weight_name")
-    try:
-        pipe.load_lora_weights(str(path), adapter_name="synthgen")
-    except Exception as exc:  # noqa: BLE001 - diffusers raises ValueError/KeyError/RuntimeError
-        raise ModelError(
-            f"'{path.name}' is not an SD-1.x LoRA this model accepts ({exc})", where="model.lora"
-        ) from None
-    pipe.set_adapters(["synthgen"], adapter_weights=[lora.scale])
-    if fuse:
-        # Fusing folds the low-rank update into the base weights: no extra matmuls per step.
-        pipe.fuse_lora(adapter_names=["synthgen"], lora_scale=1.0)
-        pipe.unload_lora_weights()
-    return file_sha256(path)
-
-
 def load_pipeline(
     config: ModelConfig, *, mode: str = "t2i", device: str = "cpu", fuse: bool = True
-) -> tuple:
-    """The ready-to-run pipeline, and the sha256 of its LoRA file (None without one)."""
+) -> tuple[object, AppliedLora | None]:
+    """The ready-to-run pipeline, and what was fused of its LoRA (None without one)."""
     quiet_libraries()
     from diffusers import (
         DDIMScheduler,
@@ -188,8 +146,8 @@ def load_pipeline(
         "dpm": DPMSolverMultistepScheduler,
     }
     pipe.scheduler = schedulers[config.scheduler].from_config(pipe.scheduler.config)
-    lora_sha = apply_lora(pipe, config.lora, fuse=fuse) if config.lora else None
+    lora = apply_lora(pipe, config.lora, fuse=fuse) if config.lora else None
     if mode == "i2i":
         pipe = StableDiffusionImg2ImgPipeline(**pipe.components, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
-    return pipe.to(device), lora_sha
+    return pipe.to(device), lora

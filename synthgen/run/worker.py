@@ -33,7 +33,7 @@ class Worker:
         self.plan = plan
         self.out = out
         started = time.perf_counter()
-        pipe, lora_sha = load_pipeline(recipe.model, mode=recipe.generation.mode, device=device)
+        pipe, lora = load_pipeline(recipe.model, mode=recipe.generation.mode, device=device)
         tune_pipeline(pipe, device, compile_unet=recipe.model.compile)
         self.load_seconds = time.perf_counter() - started
         load_source = None
@@ -47,9 +47,13 @@ class Worker:
             self.compile_seconds = time.perf_counter() - started
         self.writer = ShardWriter(out, recipe)
         if not out.exists(MODEL_RECORD):
-            out.write_atomic(
-                MODEL_RECORD, ModelRecord.from_config(recipe.model, lora_sha).to_json()
-            )
+            record = ModelRecord.from_config(recipe.model, None)
+            if lora is not None:
+                record = ModelRecord.from_config(
+                    recipe.model, lora.sha256, lora_rank=lora.rank, lora_alpha=lora.alpha,
+                    lora_alpha_source=lora.alpha_source,
+                )  # fmt: skip
+            out.write_atomic(MODEL_RECORD, record.to_json())
 
     def close(self) -> None:
         """Stop the encoder and source-reading threads."""
