@@ -157,6 +157,10 @@ def _generator(recipe: Recipe, manifest: Manifest) -> str:
             f"`{model.lora}` / `{model.lora_weight_name}` at scale "
             f"{model.lora_scale} (sha256 `{model.lora_sha256}`)"
         )
+        if model.lora_rank is not None:
+            lora += (
+                f"; rank {model.lora_rank}, alpha {model.lora_alpha:g} ({model.lora_alpha_source})"
+            )
     base = model.base if model else None
     revision = (model.revision if model else None) or "default"
     return f"""## Generator
