@@ -22,6 +22,7 @@ from synthgen.audit.engine import (
     run_audit,
 )
 from synthgen.audit.reid import wilson_interval
+from synthgen.audit.report import PAIR_THUMB
 from synthgen.hashing import file_sha256
 from synthgen.preview.sheet import PAD
 
@@ -193,10 +194,10 @@ def test_report_keeps_ids_out_and_records_settings(cohort, tmp_path, monkeypatch
     captions = []
     import synthgen.audit.report as audit_report
 
-    real_sheet = audit_report._contact_sheet
+    real_sheet = audit_report._pair_sheet
     monkeypatch.setattr(
         audit_report,
-        "_contact_sheet",
+        "_pair_sheet",
         lambda pairs, path, title: (
             captions.extend(p.caption for p in pairs),
             real_sheet(pairs, path, title),
@@ -351,7 +352,7 @@ def test_every_setting_reaches_the_report(cohort, tmp_path):
     )
     assert report["settings"]["recipe"] == "deid.yaml"
     assert report["settings"]["n_holdout"] == 0
-    two_pairs = PAD + 2 * (2 * 128 + 2 * PAD)  # one row of two pair tiles
+    two_pairs = PAD + 2 * (2 * PAIR_THUMB + 2 * PAD)  # one row of two pair tiles
     for sheet in ("pairs.png", "memorisation.png"):
         with Image.open(tmp_path / "report" / sheet) as image:
             assert image.width == two_pairs, sheet
