@@ -325,7 +325,7 @@ def schema() -> None:
 def audit(out, source, linkage, embedder, predictor, holdout, image_column, id_column,
           patient_column, report_dir, device, append_to_card):  # fmt: skip
     """Privacy–utility audit: how re-identifiable is OUT, and how much signal did it keep?"""
-    from synthgen.audit.engine import run_audit
+    from synthgen.audit.engine import AuditSettings, run_audit
     from synthgen.audit.inputs import read_linkage, source_items, synthetic_items
     from synthgen.audit.report import card_section
     from synthgen.output.outdir import AUDIT_SECTION, OutDir
@@ -337,8 +337,8 @@ def audit(out, source, linkage, embedder, predictor, holdout, image_column, id_c
     columns = dict(image_column=image_column, id_column=id_column, patient_column=patient_column)
     sources = source_items(source, **columns)
     held = source_items(holdout, **columns) if holdout else []
-    report = run_audit(synthetic, sources, report_dir=report_dir, embedder=embedder,
-                       predictor=predictor, holdout=held, device=device)  # fmt: skip
+    settings = AuditSettings(embedder=embedder, predictor=predictor, device=device)
+    report = run_audit(synthetic, sources, report_dir=report_dir, holdout=held, settings=settings)
     click.echo(f"wrote {report_dir}/report.md, report.json, report.csv, tradeoff.png")
     for warning in report.get("warnings", []):
         click.echo(f"warning: {warning}", err=True)
