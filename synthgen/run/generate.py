@@ -44,9 +44,11 @@ def claim_output(out: OutDir, recipe: Recipe, plan: Plan, overwrite: bool = Fals
         _write_run(out, recipe, plan)
         return
     if record is not None and not overwrite:
+        grown = "; a corpus grows only by num_samples (t2i), per_cell (balance), or strengths "
+        grown += "appended and repeats raised (i2i, with the same cohort rows)"
         raise OutputError(
             "holds a run of a different recipe; pass --overwrite to replace it, "
-            "or choose another output directory",
+            f"or choose another output directory{grown}",
             file=out.url,
         )
     # a kill during an earlier claim can leave recipe.yaml.tmp-*: ours too
@@ -69,13 +71,17 @@ def claim_output(out: OutDir, recipe: Recipe, plan: Plan, overwrite: bool = Fals
 def _grows(record: RunRecord, recipe: Recipe, plan: Plan) -> bool:
     """True when `plan` is `record`'s corpus grown: every recorded shard is planned as it was."""
     same = record.corpus_sha256 == recipe.corpus_sha256() and record.plan_version == PLAN_VERSION
-    return same and plan.tasks[: len(record.tasks)] == record.tasks
+    kept = plan.layout_sha256(record.layout_size) == record.layout_sha256  # i2i rows and noise
+    return same and kept and plan.tasks[: len(record.tasks)] == record.tasks
 
 
 def _write_run(out: OutDir, recipe: Recipe, plan: Plan) -> None:
     out.write_atomic(RECIPE, recipe.shareable().to_yaml().encode())
     skipped = plan.cohort.skipped if plan.cohort is not None else []
-    record = RunRecord(recipe.sha256(), plan.tasks, skipped, recipe.corpus_sha256())
+    record = RunRecord(
+        recipe.sha256(), plan.tasks, skipped, recipe.corpus_sha256(), blocks=plan.blocks,
+        layout_sha256=plan.layout_sha256(), layout_size=plan.total if plan.i2i else 0,
+    )  # fmt: skip
     out.write_atomic(RUN_RECORD, record.to_json())
 
 
