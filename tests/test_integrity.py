@@ -202,6 +202,20 @@ def test_a_second_run_and_a_concurrent_overwrite_are_refused_while_the_first_run
     assert snapshot(out) == snapshot(reference)
 
 
+def test_ranks_started_together_with_overwrite_replace_the_old_run_once(reference, tmp_path):
+    """Rank 0 alone removes the previous recipe's run; rank 1 waits for its run record, so no
+    rank removes what another has already rendered."""
+    out = copy_of(reference, tmp_path / "out")
+    other = write_recipe(tmp_path / "other.yaml", tiny_recipe(seed=99))
+    command = ("generate", str(other), "-o", str(out), "--overwrite")
+    ranks = [start(*command, env=hooked_env(RANK=str(r), WORLD_SIZE="2")) for r in (0, 1)]
+    outputs = [proc.communicate(timeout=300) for proc in ranks]
+    assert [proc.returncode for proc in ranks] == [0, 0], [err[-2000:] for _, err in outputs]
+    fresh = tmp_path / "fresh"
+    generate(load_recipe(other), str(fresh))
+    assert snapshot(out) == snapshot(fresh)
+
+
 def test_ranks_of_one_launch_share_the_lease_and_others_are_refused(tmp_path):
     out = OutDir(str(tmp_path / "out"))
     with hold(out, "ranks-2-abc"), hold(out, "ranks-2-abc"):  # two ranks of one launch
