@@ -179,10 +179,9 @@ def generate(recipe, out, num_samples, devices, workers_per_device, executor, ad
 @user_errors
 def finalize(out: str) -> None:
     """Write OUT's manifest and dataset card again from its committed shards."""
-    from synthgen.output.outdir import OutDir
-    from synthgen.run.finalize import finalize as finalize_out
+    from synthgen.run.finalize import finalize_alone
 
-    manifest = finalize_out(OutDir(out))
+    manifest = finalize_alone(out)
     click.echo(f"finalized {out}: {manifest.num_samples} samples")
 
 
@@ -328,10 +327,12 @@ def audit(out, source, linkage, embedder, predictor, holdout, image_column, id_c
     from synthgen.audit.engine import AuditSettings, run_audit
     from synthgen.audit.inputs import read_linkage, source_items, synthetic_items
     from synthgen.audit.report import card_section
-    from synthgen.output.outdir import AUDIT_SECTION, OutDir
-    from synthgen.run.finalize import finalize as finalize_out
+    from synthgen.output.outdir import OutDir
+    from synthgen.run.finalize import finalize_alone
 
     outdir = OutDir(out)
+    if outdir.holds(report_dir):  # pairs.png shows real source images: never in the dataset
+        raise SynthgenError("must not be inside the output directory", where="--report-dir")
     links = read_linkage(linkage) if linkage else None
     synthetic = synthetic_items(outdir, links)
     columns = dict(image_column=image_column, id_column=id_column, patient_column=patient_column)
@@ -343,6 +344,5 @@ def audit(out, source, linkage, embedder, predictor, holdout, image_column, id_c
     for warning in report.get("warnings", []):
         click.echo(f"warning: {warning}", err=True)
     if append_to_card:
-        outdir.write_atomic(AUDIT_SECTION, card_section(report).encode())
-        finalize_out(outdir)
+        finalize_alone(out, audit_section=card_section(report))
         click.echo(f"added the audit summary to {out}/README.md")
