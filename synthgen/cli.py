@@ -57,6 +57,7 @@ def main() -> None:
 @user_errors
 def validate(recipe: Path) -> None:
     """Check RECIPE (and its cohort: columns, labels, every image) without rendering anything."""
+    from synthgen.output.sizes import estimate
     from synthgen.recipe.schema import load_recipe
     from synthgen.render.lora.fit import inspect_lora
     from synthgen.render.model_files import check_model_reference
@@ -77,6 +78,7 @@ def validate(recipe: Path) -> None:
             click.echo(f"skip: row {skipped.row}: {skipped.reason}", err=True)
         if plan.cohort.skipped:
             detail += f", {len(plan.cohort.skipped)} rows skipped"
+    click.echo(f"size: {estimate(loaded, plan.total).describe()}")
     click.echo(f"ok: {recipe} ({loaded.name}: {detail}; sha256 {loaded.sha256()[:12]})")
 
 

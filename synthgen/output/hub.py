@@ -19,11 +19,12 @@ from huggingface_hub.utils import _http as hf_http
 from huggingface_hub.utils import filter_repo_objects, validate_repo_id
 
 from synthgen.errors import OutputError
-from synthgen.output.outdir import MANIFEST, SHARD_NAME, OutDir
+from synthgen.output.outdir import CROISSANT, MANIFEST, SHARD_NAME, OutDir
 from synthgen.output.records import Manifest
 
 # Files at the top of OUT that every push sends; they must exist.
 REQUIRED_FILES = ("README.md", "recipe.yaml", "manifest.json")
+OPTIONAL_FILES = (CROISSANT,)  # sent when there (datasets made before synthgen 0.2 lack it)
 
 # Everything else that may be sent: `folder/name` must match the folder's pattern. Split names are
 # `[a-z][a-z0-9_]*` (recipe.py) and shard numbers at least six digits, so `x.parquet.tmp`,
@@ -107,7 +108,7 @@ def files_to_upload(out: Path) -> list[str]:
     """
     out = Path(out)
     check_pushable(out)
-    files = [name for name in REQUIRED_FILES if (out / name).is_file()]
+    files = [name for name in (*REQUIRED_FILES, *OPTIONAL_FILES) if (out / name).is_file()]
     for folder, pattern in ALLOWED_IN_FOLDER.items():
         if (out / folder).is_dir():
             files += [

@@ -11,13 +11,16 @@ import errno
 import os
 import posixpath
 import re
+import sys
 import uuid
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import IO
 
 import fsspec
 import yaml
+from tqdm import tqdm
 
 from synthgen.errors import OutputError
 from synthgen.output.records import Manifest, ModelRecord, RunRecord, ShardRecord
@@ -26,6 +29,7 @@ from synthgen.recipe.schema import Recipe, recipe_from_dict
 CARD = "README.md"
 RECIPE = "recipe.yaml"  # the recipe as run, protected paths redacted
 MANIFEST = "manifest.json"
+CROISSANT = "croissant.json"  # Croissant metadata (mlcommons.org/croissant), with the Parquet files
 WEBDATASET, PARQUET, PREVIEWS = "webdataset", "parquet", "previews"
 STATE = ".synthgen"  # bookkeeping: never pushed
 COMMITS = f"{STATE}/commits"
@@ -37,6 +41,7 @@ LEASES = f"{STATE}/leases"  # one file per process writing into OUT (synthgen.ou
 WIDS_INDEX = WEBDATASET + "/{split}.wids.json"
 # A shard's name (plan.py): split, the strength tag of an i2i sweep, at least six digits.
 SHARD_NAME = r"[a-z][a-z0-9_]*(-s\d{4})?-\d{6,}"
+RECORD_FETCHERS = 16  # commit records read at once
 # The one temporary-name rule: NAME.tmp-<12 hex digits>, nothing looser.
 _TEMPORARY = re.compile(r"\.tmp-[0-9a-f]{12}$")
 
@@ -224,8 +229,16 @@ class OutDir:
             if name.endswith(".json") and not is_temporary(name)
         }
 
-    def committed_records(self) -> dict[str, ShardRecord]:
-        return {name: self.commit_record(name) for name in sorted(self.committed_names())}
+    def committed_records(self, progress: bool = False) -> dict[str, ShardRecord]:
+        """Every commit record, from one listing; fetched in parallel (an object store answers
+        each in a round trip), with a progress bar on stderr when `progress`."""
+        names = sorted(self.committed_names())
+        with ThreadPoolExecutor(RECORD_FETCHERS) as pool:
+            records = pool.map(self.commit_record, names)
+            if progress:
+                records = tqdm(records, total=len(names), desc="reading commit records",
+                               unit="shard", file=sys.stderr, leave=False)  # fmt: skip
+            return dict(zip(names, records))
 
     def commit(self, record: ShardRecord) -> None:
         """Write a shard's commit record: the last step, after its files are in place."""

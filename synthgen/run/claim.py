@@ -88,7 +88,9 @@ def claim_output(
         if isinstance(record, DamagedRecord):
             raise record.error
         if grows(record, recipe, plan):
-            out.remove(MANIFEST)  # no longer complete: finalize writes it again for the whole corpus
+            out.remove(
+                MANIFEST
+            )  # no longer complete: finalize writes it again for the whole corpus
             write_run(out, recipe, plan)
             return
         raise OutputError(

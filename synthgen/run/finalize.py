@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from synthgen.errors import OutputError
 from synthgen.output.card import SHEET, CardInputs, render_card
+from synthgen.output.croissant import croissant_bytes
 from synthgen.output.label_summary import labels_markdown
 from synthgen.output.lock import hold
 from synthgen.output.manifest import (
@@ -25,6 +26,7 @@ from synthgen.output.outdir import (
     AUDIT_SECTION,
     CARD,
     COMMITS,
+    CROISSANT,
     MANIFEST,
     PARQUET,
     PREVIEWS,
@@ -41,6 +43,8 @@ from synthgen.recipe.label_stats import LabelStats
 from synthgen.recipe.schema import Recipe
 from synthgen.run.ownership import own_paths, recorded_ownership
 
+PROGRESS_FROM = 500  # shards: reading that many commit records shows a progress bar
+
 
 def finalize(out: OutDir, audit_section: str | None = None) -> Manifest:
     """Write everything derived from the committed shards (with `audit_section`, the audit's
@@ -50,7 +54,8 @@ def finalize(out: OutDir, audit_section: str | None = None) -> Manifest:
     if run is None:
         raise OutputError("no run record: this is not a synthgen output directory", file=out.url)
     try:
-        shards = committed_in_order(run.tasks, out.committed_records())
+        records = out.committed_records(progress=len(run.tasks) >= PROGRESS_FROM)
+        shards = committed_in_order(run.tasks, records)
     except OutputError as error:
         raise OutputError(error.message, file=out.url) from None
     out.remove(MANIFEST)  # from here until the last write, OUT says it is not complete
@@ -69,6 +74,8 @@ def finalize(out: OutDir, audit_section: str | None = None) -> Manifest:
     out.write_atomic(CARD, card.encode())
     if "webdataset" in recipe.output.formats:
         write_wids_index(out, manifest)
+    if "parquet" in recipe.output.formats:
+        out.write_atomic(CROISSANT, croissant_bytes(recipe, manifest))
     out.write_atomic(MANIFEST, manifest.to_json())  # last: it is what says OUT is complete
     return manifest
 

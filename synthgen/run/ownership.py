@@ -19,6 +19,7 @@ from synthgen.output.outdir import (
     AUDIT_SECTION,
     CARD,
     COMMITS,
+    CROISSANT,
     LEASES,
     LOGS,
     MANIFEST,
@@ -49,6 +50,8 @@ def finalize_paths(recipe: Recipe, splits: Iterable[str]) -> list[str]:
     paths = [SHEET, *(f"{PREVIEWS}/{plot_name(label)}" for label in recipe.labels), CARD]
     if "webdataset" in recipe.output.formats:
         paths += [WIDS_INDEX.format(split=split) for split in dict.fromkeys(splits)]
+    if "parquet" in recipe.output.formats:
+        paths.append(CROISSANT)
     return [*paths, MANIFEST]
 
 
