@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import shutil
 from pathlib import Path
 
 import datasets
@@ -131,15 +132,17 @@ def test_strength_sweep_with_repeats_and_per_strength_configs(tmp_path, cohort):
     assert sum(split.num_rows for split in every.values()) == 32
 
 
+def cohort_copy(tmp_path: Path, cohort: Path, name: str) -> tuple[Path, list[dict]]:
+    """A copy of the cohort's folder (its images stay inside it) and the rows of its table."""
+    folder = shutil.copytree(cohort.parent, tmp_path / name)
+    with open(cohort) as handle:
+        return Path(folder), list(csv.DictReader(handle))
+
+
 def corrupt_cohort(tmp_path: Path, cohort: Path) -> Path:
     """The cohort plus a 9th row whose PNG is cut in half."""
-    broken = tmp_path / "broken"
-    broken.mkdir()
-    with open(cohort) as handle:
-        rows = list(csv.DictReader(handle))
-    for row in rows:
-        row["image_file"] = str(cohort.parent / row["image_file"])
-    good = Path(rows[0]["image_file"]).read_bytes()
+    broken, rows = cohort_copy(tmp_path, cohort, "broken")
+    good = (broken / rows[0]["image_file"]).read_bytes()
     (broken / f"{MARKER}_cut.png").write_bytes(good[: len(good) // 2])
     rows.append({**rows[0], "image_file": f"{MARKER}_cut.png", "study_id": f"{MARKER}-x"})
     manifest = broken / "manifest.csv"
@@ -200,12 +203,9 @@ def test_a_resume_decodes_only_the_sources_it_renders(tmp_path, cohort, monkeypa
 
 
 def test_invalid_label_value_names_the_row(tmp_path, cohort):
-    with open(cohort) as handle:
-        rows = list(csv.DictReader(handle))
-    for row in rows:
-        row["image_file"] = str(cohort.parent / row["image_file"])
+    folder, rows = cohort_copy(tmp_path, cohort, "bad")
     rows[2]["Sex"] = "unknown"
-    bad = tmp_path / "bad.csv"
+    bad = folder / "bad.csv"
     write_table(bad, rows)
     recipe = write_recipe(tmp_path / "r.yaml", i2i_recipe(bad, tmp_path / "l.csv"))
     result = run_cli("validate", str(recipe), check=False)

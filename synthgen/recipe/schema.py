@@ -25,7 +25,8 @@ REDACTED = "<redacted: protected path>"
 PRESETS = ("tiny", "sd14-random")  # built-in models, made offline in synthgen.render.pipeline
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 # (section, field) of every path to real patients' data: made absolute on load, redacted in OUT.
-PROTECTED_PATHS = (("source", "manifest"), ("privacy", "linkage"), ("labels_from", "table"))
+PROTECTED_PATHS = (("source", "manifest"), ("source", "images_root"), ("privacy", "linkage"),
+                   ("labels_from", "table"))  # fmt: skip
 
 
 def looks_local(path: str) -> bool:
@@ -106,9 +107,14 @@ class PreprocessConfig(Strict):
 
 
 class SourceConfig(Strict):
-    """A real cohort for i2i: a table of image paths (relative to the table) and metadata."""
+    """A real cohort for i2i: a table of image paths and metadata.
+
+    Image paths are relative to `images_root` (default: the table's folder) and must lie inside
+    it once symlinks are resolved, so a manifest cannot make synthgen read any other file.
+    """
 
     manifest: str
+    images_root: str | None = None  # where the images live when not beside the table
     image_column: str
     id_column: str
     patient_column: str | None = None
@@ -256,8 +262,8 @@ class Recipe(Strict):
         """`change` applied to every path that points at real patients' data."""
         changes: dict[str, Any] = {}
         for section, field in PROTECTED_PATHS:
-            config = getattr(self, section)
-            if config is not None:
+            config = changes.get(section, getattr(self, section))
+            if config is not None and getattr(config, field) is not None:
                 changes[section] = config.model_copy(update={field: change(getattr(config, field))})
         return changes
 
