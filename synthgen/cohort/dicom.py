@@ -6,8 +6,8 @@ nothing from the file: DICOM headers hold names, ids and dates.
 
 pydicom reports odd headers through `warnings` and the `pydicom` logger, quoting the values it
 found (`Invalid value for VR DA: '<a patient's name>'`). Reading a cohort must not print them
-nor put them in worker logs, so on import this module silences pydicom's warnings and stops its
-log records from reaching the process's handlers. A process that imports the cohort reader gives
+nor put them in worker logs, so each read silences pydicom's warnings and stops its log
+records from reaching the process's handlers. A process that imports the cohort reader gives
 up pydicom's diagnostics: they are exactly what must not be shown.
 """
 
@@ -41,8 +41,7 @@ except ImportError:  # pydicom < 3 keeps the same functions under their older na
 
 # Warnings are attributed to the module at the warning's stack level: pydicom's own, or this
 # module (the caller of pydicom) for a warning issued one level up.
-warnings.filterwarnings("ignore", module=r"(pydicom|synthgen\.cohort\.dicom)(\.|$)")
-logging.getLogger("pydicom").propagate = False
+_PYDICOM_MODULES = r"(pydicom|synthgen\.cohort\.dicom)(\.|$)"
 
 _COLOR = {"RGB", "YBR_FULL", "YBR_FULL_422", "YBR_PARTIAL_420", "YBR_ICT", "YBR_RCT"}
 # Value representations; those after the gap have 2 reserved bytes and a 4-byte length.
@@ -102,8 +101,22 @@ def _leading_tags(header: bytes, order: str, explicit: bool) -> list[tuple[int, 
 
 def read_dicom(fp: IO[bytes]) -> Image.Image:
     """One frame of a DICOM file as an 8-bit 'L' or 'RGB' image (see `is_dicom` first)."""
+    _silence_pydicom()
     ds = guarded(lambda: pydicom.dcmread(fp, force=True), "truncated or corrupt DICOM data")
     return guarded(lambda: _decode(ds), "unreadable or inconsistent DICOM attributes")
+
+
+def _silence_pydicom() -> None:
+    """Keep pydicom's warnings and log records (which quote header values) from any output.
+
+    Checked at every read, not once on import: a `warnings.catch_warnings()` block that was
+    open at import time (pytest's, a caller's) drops the filters added inside it on exit, and
+    a filter put in front later (`simplefilter("always")`) would win over ours.
+    """
+    first = warnings.filters[0] if warnings.filters else None
+    if not (first and first[0] == "ignore" and first[3] and first[3].pattern == _PYDICOM_MODULES):
+        warnings.filterwarnings("ignore", module=_PYDICOM_MODULES)  # moves it to the front
+    logging.getLogger("pydicom").propagate = False
 
 
 def _decode(ds: pydicom.Dataset) -> Image.Image:
@@ -152,6 +165,24 @@ def _undecodable(syntax: UID) -> str:
     return "truncated or corrupt DICOM pixel data"
 
 
+def _lut_data_to_native_order(ds: pydicom.Dataset) -> None:
+    """Byte-swap a big-endian file's 16-bit palette tables, which pydicom 3.0 reads as native.
+
+    (Segmented tables it reads right.) Without this, a big-endian palette image comes out black.
+    """
+    if ds.original_encoding[1] is not False or np.little_endian is False:
+        return
+    for colour in ("Red", "Green", "Blue", "Alpha"):
+        name = f"{colour}PaletteColorLookupTableData"
+        data = ds.get(name)
+        descriptor = ds.get(f"{colour}PaletteColorLookupTableDescriptor")
+        if data is None or descriptor is None:
+            continue
+        entries = int(descriptor[0]) or 65536  # 0 means 2**16 entries
+        if len(data) == 2 * entries:
+            setattr(ds, name, np.frombuffer(data, ">u2").astype("<u2").tobytes())
+
+
 def _gray(pixels: np.ndarray, ds: pydicom.Dataset) -> np.ndarray:
     """Stored values -> modality values (e.g. Hounsfield) -> the file's display window -> 8 bit.
 
@@ -172,6 +203,7 @@ def _gray(pixels: np.ndarray, ds: pydicom.Dataset) -> np.ndarray:
 
 def _rgb(pixels: np.ndarray, ds: pydicom.Dataset, photometric: str, syntax: UID) -> np.ndarray:
     if photometric == "PALETTE COLOR":
+        _lut_data_to_native_order(ds)
         pixels = apply_color_lut(pixels, ds)
     elif photometric not in _COLOR:
         raise ImageError("unsupported DICOM photometric interpretation")
