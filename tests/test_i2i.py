@@ -416,3 +416,17 @@ def test_audit_leaves_out_the_rows_the_run_skipped(tmp_path, cohort):
     assert result.returncode == 0, result.stderr
     report = json.loads((tmp_path / "report" / "report.json").read_text())
     assert report["settings"]["n_sources"] == 8
+
+
+def test_a_bad_labels_from_cell_is_named_never_quoted(tmp_path, cohort):
+    folder, rows = cohort_copy(tmp_path, cohort, "table")
+    rows[4]["Sex"] = f"{MARKER} Smith"
+    recipe = yaml.safe_load((ROOT / "recipes" / "demo.yaml").read_text())
+    recipe["labels"]["age"] = {"dist": "uniform", "min": 18, "max": 100, "dtype": "int"}
+    recipe["labels"]["sbp"] = {"dist": "uniform", "min": 70, "max": 250, "dtype": "int"}
+    columns = {"laterality": "Eye", "sex": "Sex", "age": "AgeYears", "sbp": "SBP"}
+    recipe["labels_from"] = {"table": str(write_table(folder / "t.csv", rows)), "columns": columns}
+    result = run_cli("validate", str(write_recipe(tmp_path / "t.yaml", recipe)), check=False)
+    assert result.returncode == 2
+    assert "labels_from.table row 5: label 'sex' (column 'Sex'): not one of" in result.stderr
+    assert MARKER not in result.stderr and "Smith" not in result.stderr

@@ -165,7 +165,7 @@ def _read_pil(fp: IO[bytes], fmt: str) -> Image.Image:
         raise ImageError(
             f"multi-frame images are not supported ({frames} frames); export one frame per file"
         )
-    return _strip_metadata(_to_8bit(image))
+    return guarded(lambda: _strip_metadata(_to_8bit(image)), _CORRUPT)
 
 
 def _open_pil(fp: IO[bytes], fmt: str) -> Image.Image:
