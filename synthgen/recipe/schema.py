@@ -15,7 +15,15 @@ from typing import Annotated, Any, Literal
 
 import numpy as np
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 from synthgen.errors import FieldError, RecipeError
 from synthgen.recipe.labels import LABEL_KINDS, LabelSpec
@@ -122,6 +130,14 @@ class SourceConfig(Strict):
     preprocess: PreprocessConfig = PreprocessConfig()
     on_error: Literal["fail", "skip"] = "fail"
     max_rows: int | None = Field(None, ge=1)
+
+    @model_serializer(mode="wrap")
+    def _without_unset_images_root(self, handler: Callable[[Any], dict]) -> dict:
+        # Unset, it is left out: a recipe written before the field keeps its sha256 (and its OUT).
+        data = handler(self)
+        if data.get("images_root") is None:
+            data.pop("images_root", None)
+        return data
 
 
 class LabelsFromConfig(Strict):
