@@ -46,7 +46,7 @@ def dicom_file(name: str) -> Path:
     pytest.skip(f"{name} is not installed (pip install pydicom-data)")
 
 
-def pixels(path: Path | io.BytesIO) -> np.ndarray:
+def pixels(path: Path) -> np.ndarray:
     return np.asarray(read_image(path)).astype(int)
 
 
