@@ -327,7 +327,7 @@ def audit(out, source, linkage, embedder, predictor, holdout, image_column, id_c
           patient_column, report_dir, device, append_to_card):  # fmt: skip
     """Privacy–utility audit: how re-identifiable is OUT, and how much signal did it keep?"""
     from synthgen.audit.engine import AuditSettings, run_audit
-    from synthgen.audit.inputs import read_linkage, source_items, synthetic_items
+    from synthgen.audit.inputs import read_linkage, skipped_rows, source_items, synthetic_items
     from synthgen.audit.report import card_section
     from synthgen.output.outdir import OutDir
     from synthgen.run.finalize import finalize_alone
@@ -338,7 +338,7 @@ def audit(out, source, linkage, embedder, predictor, holdout, image_column, id_c
     links = read_linkage(linkage) if linkage else None
     synthetic = synthetic_items(outdir, links)
     columns = dict(image_column=image_column, id_column=id_column, patient_column=patient_column)
-    sources = source_items(source, **columns)
+    sources = source_items(source, leave_out=skipped_rows(outdir), **columns)
     held = source_items(holdout, **columns) if holdout else []
     settings = AuditSettings(embedder=embedder, predictor=predictor, device=device)
     report = run_audit(synthetic, sources, report_dir=report_dir, holdout=held, settings=settings)

@@ -5,15 +5,21 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import os
+import shutil
 from pathlib import Path
 
 import datasets
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import webdataset as wds
 import yaml
 from conftest import ROOT, run_cli, write_recipe
 
 from synthgen.cohort.demo import make_cohort, write_table
+from synthgen.cohort.rows import Cohort, load_cohort
+from synthgen.errors import CohortError
 from synthgen.recipe.schema import load_recipe
 from synthgen.run.generate import generate
 
@@ -131,15 +137,17 @@ def test_strength_sweep_with_repeats_and_per_strength_configs(tmp_path, cohort):
     assert sum(split.num_rows for split in every.values()) == 32
 
 
+def cohort_copy(tmp_path: Path, cohort: Path, name: str) -> tuple[Path, list[dict]]:
+    """A copy of the cohort's folder (its images stay inside it) and the rows of its table."""
+    folder = shutil.copytree(cohort.parent, tmp_path / name)
+    with open(cohort) as handle:
+        return Path(folder), list(csv.DictReader(handle))
+
+
 def corrupt_cohort(tmp_path: Path, cohort: Path) -> Path:
     """The cohort plus a 9th row whose PNG is cut in half."""
-    broken = tmp_path / "broken"
-    broken.mkdir()
-    with open(cohort) as handle:
-        rows = list(csv.DictReader(handle))
-    for row in rows:
-        row["image_file"] = str(cohort.parent / row["image_file"])
-    good = Path(rows[0]["image_file"]).read_bytes()
+    broken, rows = cohort_copy(tmp_path, cohort, "broken")
+    good = (broken / rows[0]["image_file"]).read_bytes()
     (broken / f"{MARKER}_cut.png").write_bytes(good[: len(good) // 2])
     rows.append({**rows[0], "image_file": f"{MARKER}_cut.png", "study_id": f"{MARKER}-x"})
     manifest = broken / "manifest.csv"
@@ -200,12 +208,9 @@ def test_a_resume_decodes_only_the_sources_it_renders(tmp_path, cohort, monkeypa
 
 
 def test_invalid_label_value_names_the_row(tmp_path, cohort):
-    with open(cohort) as handle:
-        rows = list(csv.DictReader(handle))
-    for row in rows:
-        row["image_file"] = str(cohort.parent / row["image_file"])
+    folder, rows = cohort_copy(tmp_path, cohort, "bad")
     rows[2]["Sex"] = "unknown"
-    bad = tmp_path / "bad.csv"
+    bad = folder / "bad.csv"
     write_table(bad, rows)
     recipe = write_recipe(tmp_path / "r.yaml", i2i_recipe(bad, tmp_path / "l.csv"))
     result = run_cli("validate", str(recipe), check=False)
@@ -275,3 +280,153 @@ def test_t2i_labels_resampled_from_a_cohort_table_keep_the_joint(tmp_path, cohor
     assert again == drawn
     shareable = load_recipe(path).shareable().to_yaml()
     assert str(cohort) not in shareable and MARKER not in shareable
+
+
+# --- cohort edge cases: what a real manifest holds ---------------------------------------------
+
+
+def load(manifest: Path, tmp_path: Path, on_error: str = "skip", **source) -> Cohort:
+    """The cohort as the i2i recipe reads it (paths resolved from the recipe's folder)."""
+    recipe_dict = i2i_recipe(manifest, tmp_path / "l.csv")
+    recipe_dict["source"].update(on_error=on_error, **source)
+    recipe = load_recipe(write_recipe(tmp_path / f"r-{on_error}.yaml", recipe_dict))
+    return load_cohort(recipe.source, recipe.labels, progress=False)
+
+
+BAD_CELLS = [  # (column, cell, what the reason says)
+    ("Sex", f"{MARKER} Smith", "label 'sex' (column 'Sex'): not one of the declared categories"),
+    ("AgeYears", "4_5", "label 'age' (column 'AgeYears'): not a plain number"),
+    ("AgeYears", "45.7", "label 'age' (column 'AgeYears'): not a whole number"),
+    ("AgeYears", f"{MARKER}", "label 'age' (column 'AgeYears'): not a plain number"),
+    ("SBP", "inf", "label 'sbp' (column 'SBP'): not a plain number"),
+    ("AgeYears", "17", "label 'age' (column 'AgeYears'): outside [18, 100]"),
+    ("Eye", "", "label 'laterality' (column 'Eye'): empty cell"),
+    ("study_id", " ", "empty id (column 'study_id')"),
+    ("patient_id", "", "empty patient id (column 'patient_id')"),
+    ("image_file", "", "empty image path (column 'image_file')"),
+]
+
+
+def test_a_bad_cell_is_named_by_row_column_and_kind_never_by_its_content(tmp_path, cohort):
+    folder, rows = cohort_copy(tmp_path, cohort, "cells")
+    rows[0]["AgeYears"] = "45.0"  # a whole number written as a float: taken as 45
+    rows += [{**rows[0], "study_id": f"extra-{n}"} for n in range(len(BAD_CELLS) - 7)]
+    for row, (column, cell, _) in zip(rows[1:], BAD_CELLS):
+        row[column] = cell
+    manifest = write_table(folder / "cells.csv", rows)
+    cohort_read = load(manifest, tmp_path)
+    assert cohort_read.by_row[1].labels["age"] == 45
+    reasons = [(s.row, s.reason) for s in cohort_read.skipped]
+    assert [row for row, _ in reasons] == list(range(2, len(BAD_CELLS) + 2))
+    for (_, reason), (_, _, why) in zip(reasons, BAD_CELLS):
+        assert reason.startswith(why), reason
+        assert MARKER not in reason and "Smith" not in reason
+    with pytest.raises(CohortError) as caught:
+        load(manifest, tmp_path, on_error="fail")
+    assert caught.value.where == "source.manifest row 2" and MARKER not in str(caught.value)
+    result = run_cli("validate", str(tmp_path / "r-skip.yaml"), check=False)
+    assert result.returncode == 0 and "skip: row 2: label 'sex'" in result.stderr
+    assert MARKER not in result.stdout + result.stderr
+
+
+def test_duplicate_ids_are_refused_per_on_error(tmp_path, cohort):
+    folder, rows = cohort_copy(tmp_path, cohort, "dupes")
+    rows[5]["study_id"] = rows[1]["study_id"]
+    manifest = write_table(folder / "dupes.csv", rows)
+    skipped = load(manifest, tmp_path).skipped
+    assert [(s.row, s.reason) for s in skipped] == [
+        (6, "duplicate id: source.id_column 'study_id' repeats row 2")
+    ]
+    with pytest.raises(CohortError, match="duplicate id") as caught:
+        load(manifest, tmp_path, on_error="fail")
+    assert caught.value.where == "source.manifest row 6"
+
+
+def test_parquet_nulls_are_missing_cells_not_the_text_nan(tmp_path, cohort):
+    folder, rows = cohort_copy(tmp_path, cohort, "nulls")
+    columns = {name: [row[name] for row in rows] for name in rows[0]}
+    columns["study_id"][1] = None
+    columns["patient_id"][2] = None
+    table = pa.table({**columns, "AgeYears": pa.array([float(a) for a in columns["AgeYears"]])})
+    table = table.set_column(table.schema.get_field_index("AgeYears"), "AgeYears",
+                             pa.array([None, *table["AgeYears"].to_pylist()[1:]]))  # fmt: skip
+    manifest = folder / "manifest.parquet"
+    pq.write_table(table, manifest)
+    cohort_read = load(manifest, tmp_path)
+    assert [(s.row, s.reason) for s in cohort_read.skipped] == [
+        (1, "label 'age' (column 'AgeYears'): empty cell"),
+        (2, "empty id (column 'study_id')"),
+        (3, "empty patient id (column 'patient_id')"),
+    ]
+    assert not {"nan", "None", ""} & {r.source_id for r in cohort_read.rows}
+    assert not {"nan", "None", ""} & {r.patient_id for r in cohort_read.rows}
+    assert cohort_read.by_row[4].labels["age"] == int(rows[3]["AgeYears"])  # 61.0 read as 61
+    with pytest.raises(CohortError, match="empty cell") as caught:
+        load(manifest, tmp_path, on_error="fail")
+    assert caught.value.where == "source.manifest row 1"
+
+
+def test_images_outside_the_cohort_folder_are_refused_unless_allowed(tmp_path, cohort):
+    folder, rows = cohort_copy(tmp_path, cohort, "inside")
+    elsewhere = Path(shutil.copytree(cohort.parent / "images", tmp_path / "elsewhere"))
+    names = [Path(row["image_file"]).name for row in rows]
+    (folder / "images" / "link-out.png").symlink_to(elsewhere / names[3])
+    (folder / "images" / "link-in.png").symlink_to(folder / "images" / names[4])
+    rows[1]["image_file"] = str(elsewhere / names[1])  # absolute, outside
+    rows[2]["image_file"] = f"../elsewhere/{names[2]}"  # climbs out
+    rows[3]["image_file"] = "images/link-out.png"  # a symlink out
+    rows[4]["image_file"] = "images/link-in.png"  # a symlink that stays inside
+    rows[5]["image_file"] = f"images/../images/{names[5]}"  # `..` that stays inside
+    rows[6]["image_file"] = str(folder / "images" / names[6])  # absolute, inside
+    manifest = write_table(folder / "paths.csv", rows)
+    skipped = load(manifest, tmp_path).skipped
+    assert [s.row for s in skipped] == [2, 3, 4]
+    assert all("outside the cohort folder" in s.reason for s in skipped)
+    with pytest.raises(CohortError, match="source.images_root"):
+        load(manifest, tmp_path, on_error="fail")
+    # With source.images_root (relative to the recipe, here tmp_path), relative image paths
+    # start there: this table's start one folder above the table.
+    relative = [{**row, "image_file": row["image_file"] if Path(row["image_file"]).is_absolute()
+                 else f"inside/{row['image_file']}"} for row in rows]  # fmt: skip
+    allowed = load(write_table(folder / "allowed.csv", relative), tmp_path, images_root=".")
+    assert not allowed.skipped and len(allowed.rows) == 8
+    recipe = load_recipe(tmp_path / "r-skip.yaml")
+    assert str(tmp_path) not in recipe.shareable().to_yaml()
+
+
+def test_a_fifo_in_the_cohort_does_not_hang_validate(tmp_path, cohort):
+    folder, rows = cohort_copy(tmp_path, cohort, "fifo")
+    os.mkfifo(folder / "images" / f"{MARKER}_pipe.png")
+    rows[3]["image_file"] = f"images/{MARKER}_pipe.png"
+    manifest = write_table(folder / "fifo.csv", rows)
+    recipe = write_recipe(tmp_path / "r.yaml", i2i_recipe(manifest, tmp_path / "l.csv"))
+    result = run_cli("validate", str(recipe), check=False, timeout=60)
+    assert result.returncode == 2 and "source.manifest row 4: not a regular file" in result.stderr
+    assert MARKER not in result.stderr
+
+
+def test_audit_leaves_out_the_rows_the_run_skipped(tmp_path, cohort):
+    recipe_dict = i2i_recipe(corrupt_cohort(tmp_path, cohort), tmp_path / "l.csv")
+    recipe_dict["source"]["on_error"] = "skip"
+    recipe = write_recipe(tmp_path / "r.yaml", recipe_dict)
+    out = tmp_path / "out"
+    assert generate(load_recipe(recipe), str(out)).skipped_rows == 1
+    result = run_cli("audit", str(out), "--source", str(recipe), "--linkage",
+                     str(tmp_path / "l.csv"), "-o", str(tmp_path / "report"), check=False)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    report = json.loads((tmp_path / "report" / "report.json").read_text())
+    assert report["settings"]["n_sources"] == 8
+
+
+def test_a_bad_labels_from_cell_is_named_never_quoted(tmp_path, cohort):
+    folder, rows = cohort_copy(tmp_path, cohort, "table")
+    rows[4]["Sex"] = f"{MARKER} Smith"
+    recipe = yaml.safe_load((ROOT / "recipes" / "demo.yaml").read_text())
+    recipe["labels"]["age"] = {"dist": "uniform", "min": 18, "max": 100, "dtype": "int"}
+    recipe["labels"]["sbp"] = {"dist": "uniform", "min": 70, "max": 250, "dtype": "int"}
+    columns = {"laterality": "Eye", "sex": "Sex", "age": "AgeYears", "sbp": "SBP"}
+    recipe["labels_from"] = {"table": str(write_table(folder / "t.csv", rows)), "columns": columns}
+    result = run_cli("validate", str(write_recipe(tmp_path / "t.yaml", recipe)), check=False)
+    assert result.returncode == 2
+    assert "labels_from.table row 5: label 'sex' (column 'Sex'): not one of" in result.stderr
+    assert MARKER not in result.stderr and "Smith" not in result.stderr

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import io
+import os
+import socket
 import struct
+import threading
 import time
 import zlib
 from pathlib import Path
@@ -419,3 +422,58 @@ def test_preprocess_rejects_bad_arguments() -> None:
         preprocess(image, 8, "squash")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="positive integer"):
         preprocess(image, 0, "pad")
+
+
+# --- not regular files: checked before opening, never blocking ---------------------------------
+
+
+def _read_in_thread(path: Path, seconds: float = 10.0) -> BaseException | None:
+    """read_image(path) in a daemon thread: a blocking open must fail the test, not hang it."""
+    outcome: list[BaseException | None] = []
+
+    def read() -> None:
+        try:
+            read_image(path)
+            outcome.append(None)
+        except BaseException as exc:  # noqa: BLE001 - handed to the test
+            outcome.append(exc)
+
+    worker = threading.Thread(target=read, daemon=True)
+    worker.start()
+    worker.join(seconds)
+    assert not worker.is_alive(), "read_image blocked on a file that is not a regular file"
+    return outcome[0]
+
+
+def test_fifo_named_png_is_refused_without_blocking(tmp_path: Path) -> None:
+    path = tmp_path / f"{PHI_NAME}.png"
+    os.mkfifo(path)
+    error = _read_in_thread(path)
+    assert isinstance(error, ImageError) and "not a regular file" in str(error)
+    assert PHI_NAME not in str(error)
+
+
+def test_socket_named_png_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / f"{PHI_NAME}.png"
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        server.bind(str(path))
+        error = _read_in_thread(path)
+    finally:
+        server.close()
+    assert isinstance(error, ImageError) and "not a regular file" in str(error)
+
+
+@pytest.mark.parametrize("device", ["/dev/zero", "/dev/null", "/dev/tty"])
+def test_device_named_png_is_refused(tmp_path: Path, device: str) -> None:
+    if not os.path.exists(device):
+        pytest.skip(f"{device} does not exist here")
+    path = tmp_path / f"{PHI_NAME}.png"
+    path.symlink_to(device)  # as a cohort export that links images from elsewhere would
+    error = _read_in_thread(path)
+    assert isinstance(error, ImageError) and "not a regular file" in str(error)
+
+
+def test_nul_byte_in_path_is_an_image_error(tmp_path: Path) -> None:
+    error = _read_in_thread(Path(f"{tmp_path}/{PHI_NAME}\0.png"))
+    assert isinstance(error, ImageError) and PHI_NAME not in str(error)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import io
+from collections.abc import Collection
 from pathlib import Path
 
 import pyarrow as pa
@@ -81,10 +82,25 @@ def _load_source(path: Path):
     return lambda: to_model_rgb(read_image(path))
 
 
+def skipped_rows(out: OutDir) -> frozenset[int]:
+    """The cohort rows OUT's run left out (`on_error: skip`): no synthetic image came of them."""
+    record = out.run_record()
+    return frozenset(entry.row for entry in record.skipped) if record is not None else frozenset()
+
+
 def source_items(
-    source: str, *, image_column: str, id_column: str, patient_column: str | None
+    source: str,
+    *,
+    image_column: str,
+    id_column: str,
+    patient_column: str | None,
+    leave_out: Collection[int] = frozenset(),
 ) -> list[SourceItem]:
-    """The real cohort, from an i2i recipe's `source` or from a manifest table and its columns."""
+    """The real cohort, from an i2i recipe's `source` or from a manifest table and its columns.
+
+    `leave_out` names rows the run skipped: their images may not even be readable, and their
+    labels were never valid, so they are no part of what OUT was made from.
+    """
     if source.endswith((".yaml", ".yml")):
         recipe = load_recipe(source)
         if recipe.source is None:
@@ -100,4 +116,5 @@ def source_items(
     return [
         SourceItem(row.source_id, row.patient_id, _load_source(row.image_path), row.labels)
         for row in cohort.rows
+        if row.row not in leave_out
     ]

@@ -14,41 +14,20 @@ from contextlib import contextmanager
 from typing import IO, Literal
 
 import numpy as np
-import pydicom
 from PIL import Image, ImageFile, ImageOps
-from pydicom.uid import UID
 
-try:
-    from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut
+from synthgen.cohort.dicom import is_dicom, read_dicom
+from synthgen.cohort.pixels import MAX_PIXELS, ImageError, check_size, guarded, stretch
 
-    _LEGACY_PYDICOM = False
-except ImportError:  # pydicom < 3 keeps the same functions under their older names
-    from pydicom.pixel_data_handlers.util import (
-        apply_color_lut,
-        apply_modality_lut,
-        apply_voi_lut,
-        convert_color_space,
-    )
-
-    _LEGACY_PYDICOM = True
-
-MAX_PIXELS: int = 100_000_000
-MAX_SIDE: int = 50_000
+__all__ = ["ImageError", "preprocess", "read_image", "to_model_rgb"]
 
 Fit = Literal["center_crop", "pad", "resize"]
 
+_HEADER_BYTES = 1024  # enough for PNG/JPEG/TIFF magic and a preamble-less DICOM's first tags
 _UNSUPPORTED = "not a supported image format (PNG, JPEG, TIFF, DICOM)"
 _CORRUPT = "truncated or corrupt image data"
+_NOT_REGULAR = "not a regular file (a directory, pipe, socket or device?)"
 _ALPHA_MODES = {"LA", "La", "PA", "RGBA", "RGBa"}
-_COLOR_DICOM = {"RGB", "YBR_FULL", "YBR_FULL_422", "YBR_PARTIAL_420", "YBR_ICT", "YBR_RCT"}
-
-
-class ImageError(Exception):
-    """The image cannot be used; the message says why.
-
-    It never names the file: cohort paths often embed patient names or MRNs. The caller adds
-    the manifest row instead.
-    """
 
 
 def read_image(path: str | os.PathLike[str]) -> Image.Image:
@@ -58,10 +37,10 @@ def read_image(path: str | os.PathLike[str]) -> Image.Image:
     name DICOM files `.png` or strip extensions. Raises ImageError for anything unusable.
     """
     with _open_nameless(path) as fp:
-        header = fp.read(132)
+        header = fp.read(_HEADER_BYTES)
         fp.seek(0)
-        if header[128:132] == b"DICM":
-            return _read_dicom(fp)
+        if is_dicom(header):
+            return read_dicom(fp)
         fmt = _sniff_pil_format(header)
         if fmt is None:
             raise ImageError(_UNSUPPORTED)
@@ -94,27 +73,45 @@ def preprocess(image: Image.Image, size: int, fit: Fit) -> Image.Image:
 
 
 def _open_nameless(path: str | os.PathLike[str]) -> IO[bytes]:
-    """Open by descriptor so the file object carries no name.
+    """Open a regular file by descriptor, so the file object carries no name.
 
     PIL and pydicom put `fp.name` into error messages and reprs; without a name, no exception
-    raised below (or chained onto an ImageError) can leak the path.
+    raised below can leak the path. The type is checked before opening and again on the open
+    descriptor: opening a FIFO blocks until a writer comes (forever, in a cohort folder), a
+    device may have side effects, and the path may be swapped in between. O_NONBLOCK makes the
+    open itself return at once whatever the path has become.
     """
+    flags = os.O_RDONLY | getattr(os, "O_BINARY", 0) | getattr(os, "O_NONBLOCK", 0)
+    flags |= getattr(os, "O_NOCTTY", 0)
+    reason = None
     try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+        if stat.S_ISREG(os.stat(path).st_mode):
+            fd = os.open(path, flags)
+        else:
+            reason = _NOT_REGULAR
     except FileNotFoundError:
         reason = "file not found"
     except PermissionError:
         reason = "permission denied"
     except OSError as exc:
         reason = f"cannot open file ({exc.strerror})"
-    else:
+    except ValueError:  # a NUL byte in the path
+        reason = "invalid file path"
+    if reason is None:
         if stat.S_ISREG(os.fstat(fd).st_mode):
+            _set_blocking(fd)
             return os.fdopen(fd, "rb")
         os.close(fd)
-        reason = "not a regular file (a directory or device?)"
+        reason = _NOT_REGULAR
     # Raised outside the except clauses: the OSError names the path and must not ride along
     # as __context__ into logs or error reporters.
     raise ImageError(reason)
+
+
+def _set_blocking(fd: int) -> None:
+    """Plain blocking reads from here on (O_NONBLOCK was for the open only)."""
+    if hasattr(os, "set_blocking"):
+        os.set_blocking(fd, True)
 
 
 def _sniff_pil_format(header: bytes) -> str | None:
@@ -125,16 +122,6 @@ def _sniff_pil_format(header: bytes) -> str | None:
     if header[:4] in (b"II*\x00", b"MM\x00*"):
         return "TIFF"
     return None
-
-
-def _check_size(width: int, height: int) -> None:
-    if width < 1 or height < 1:
-        raise ImageError(f"image has no pixels ({width}x{height})")
-    if width > MAX_SIDE or height > MAX_SIDE or width * height > MAX_PIXELS:
-        raise ImageError(
-            f"image is too large ({width}x{height}; limits are {MAX_PIXELS:,} pixels "
-            f"and {MAX_SIDE:,} per side)"
-        )
 
 
 _strict_lock = threading.Lock()
@@ -169,25 +156,29 @@ def _read_pil(fp: IO[bytes], fmt: str) -> Image.Image:
     with _strict_truncation(), warnings.catch_warnings():
         # Our own size limit below applies whatever the global Image.MAX_IMAGE_PIXELS says.
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        try:
-            image = Image.open(fp, formats=[fmt])
-        except Image.DecompressionBombError:
-            raise ImageError(f"image is too large (over {MAX_PIXELS:,} pixels)") from None
-        except Exception as exc:
-            raise ImageError(_CORRUPT) from exc
-        _check_size(*image.size)  # before load(): the header alone tells the size
-        try:  # PIL raises a zoo of exception types on corrupt input
-            # A JPEG's extra (MPO) frames are previews; a TIFF or APNG stack has no right frame.
-            frames = 1 if fmt == "JPEG" else getattr(image, "n_frames", 1)
-            image.load()
-            image = ImageOps.exif_transpose(image)
-        except Exception as exc:
-            raise ImageError(_CORRUPT) from exc
+        image = guarded(lambda: _open_pil(fp, fmt), _CORRUPT)
+        check_size(*image.size)  # before load(): the header alone tells the size
+        # A JPEG's extra (MPO) frames are previews; a TIFF or APNG stack has no right frame.
+        frames = 1 if fmt == "JPEG" else guarded(lambda: getattr(image, "n_frames", 1), _CORRUPT)
+        image = guarded(lambda: _load_upright(image), _CORRUPT)
     if frames > 1:
         raise ImageError(
             f"multi-frame images are not supported ({frames} frames); export one frame per file"
         )
-    return _strip_metadata(_to_8bit(image))
+    return guarded(lambda: _strip_metadata(_to_8bit(image)), _CORRUPT)
+
+
+def _open_pil(fp: IO[bytes], fmt: str) -> Image.Image:
+    try:
+        return Image.open(fp, formats=[fmt])
+    except Image.DecompressionBombError:
+        pass
+    raise ImageError(f"image is too large (over {MAX_PIXELS:,} pixels)")
+
+
+def _load_upright(image: Image.Image) -> Image.Image:
+    image.load()
+    return ImageOps.exif_transpose(image)
 
 
 def _to_8bit(image: Image.Image) -> Image.Image:
@@ -206,110 +197,10 @@ def _to_8bit(image: Image.Image) -> Image.Image:
         out.paste(rgba.convert(base), mask=rgba.getchannel("A"))
         return out
     if mode.startswith("I") or mode == "F":
-        return Image.fromarray(_stretch(np.asarray(image)))
+        return Image.fromarray(stretch(np.asarray(image)))
     return image.convert("L" if mode == "1" else "RGB")  # CMYK, YCbCr, LAB, HSV
-
-
-def _stretch(values: np.ndarray, lo: float | None = None, hi: float | None = None) -> np.ndarray:
-    """Map lo..hi linearly onto 0..255 (default: the image's own finite min..max).
-
-    Own min..max, not the container's full range, for 16-bit PNG/TIFF: chest X-rays are
-    typically 10-12 bits stored in 16, so full-range scaling would squeeze them into the bottom
-    16 grey levels, and they carry no window to tell us better (DICOM does; see _dicom_gray).
-    """
-    if lo is None or hi is None:
-        finite = values if np.issubdtype(values.dtype, np.integer) else values[np.isfinite(values)]
-        if finite.size == 0:
-            return np.zeros(values.shape, dtype=np.uint8)
-        lo, hi = float(finite.min()), float(finite.max())
-    if hi <= lo:
-        return np.zeros(values.shape, dtype=np.uint8)
-    scaled = (values.astype(np.float32) - np.float32(lo)) * np.float32(255.0 / (hi - lo))
-    scaled = np.clip(np.nan_to_num(scaled, nan=0.0), 0, 255)
-    return np.rint(scaled).astype(np.uint8)
 
 
 def _strip_metadata(image: Image.Image) -> Image.Image:
     # A fresh image from raw bytes has empty info: no EXIF, text chunks, ICC or DPI can follow.
     return Image.frombytes(image.mode, image.size, image.tobytes())
-
-
-def _read_dicom(fp: IO[bytes]) -> Image.Image:
-    try:
-        ds = pydicom.dcmread(fp)
-    except Exception as exc:
-        raise ImageError("truncated or corrupt DICOM data") from exc
-    if not any(key in ds for key in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
-        raise ImageError("DICOM object has no pixel data (a report or other non-image object?)")
-    frames = int(ds.get("NumberOfFrames") or 1)
-    if frames > 1:
-        raise ImageError(
-            f"multi-frame DICOM is not supported ({frames} frames); export one frame per file"
-        )
-    _check_size(int(ds.get("Columns") or 0), int(ds.get("Rows") or 0))
-    if str(ds.get("BurnedInAnnotation", "")).upper() == "YES":
-        # Text burned into the pixels (names, dates) would survive image-to-image generation.
-        raise ImageError("DICOM declares burned-in annotation: pixels may show identifying text")
-    syntax = ds.file_meta.get("TransferSyntaxUID")
-    try:
-        pixels = ds.pixel_array
-    except Exception as exc:
-        if syntax is not None and syntax.is_compressed:
-            raise ImageError(
-                f"cannot decode DICOM pixel data compressed as {syntax.name}: corrupt, or no "
-                "decoder for it is installed (pylibjpeg, gdcm)"
-            ) from exc
-        raise ImageError("truncated or corrupt DICOM pixel data") from exc
-
-    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
-    try:
-        if photometric in ("MONOCHROME1", "MONOCHROME2"):
-            if pixels.ndim != 2:
-                raise ImageError(f"DICOM grayscale pixel data has shape {pixels.shape}")
-            gray = _dicom_gray(pixels, ds)
-            if photometric == "MONOCHROME1":  # MONOCHROME1 means low values are displayed white
-                gray = 255 - gray
-            return Image.fromarray(gray)
-        return Image.fromarray(_dicom_rgb(pixels, ds, photometric, syntax))
-    except ImageError:
-        raise
-    except Exception as exc:
-        raise ImageError(f"inconsistent DICOM pixel attributes ({exc})") from exc
-
-
-def _dicom_gray(pixels: np.ndarray, ds: pydicom.Dataset) -> np.ndarray:
-    """Stored values -> modality values (e.g. Hounsfield) -> the file's display window -> 8 bit.
-
-    Scaling the window's output range (not the image's min..max) keeps the contrast the
-    modality chose, e.g. a lung window stays a lung window.
-    """
-    values = apply_modality_lut(pixels, ds)
-    if ds.get("VOILUTSequence"):
-        bits = int(ds.VOILUTSequence[0].LUTDescriptor[2])
-        return _stretch(apply_voi_lut(values, ds, index=0), 0, 2**bits - 1)
-    if "WindowCenter" in ds and "WindowWidth" in ds:
-        # pydicom derives the window's output range from BitsStored and rescale; two extreme
-        # probes read it back without repeating its rules here.
-        lo, hi = apply_voi_lut(np.array([-1e12, 1e12]), ds, index=0)
-        return _stretch(apply_voi_lut(values, ds, index=0), float(lo), float(hi))
-    return _stretch(values)
-
-
-def _dicom_rgb(
-    pixels: np.ndarray, ds: pydicom.Dataset, photometric: str, syntax: UID | None
-) -> np.ndarray:
-    if photometric == "PALETTE COLOR":
-        pixels = apply_color_lut(pixels, ds)
-    elif photometric not in _COLOR_DICOM:
-        raise ImageError(f"unsupported DICOM photometric interpretation {photometric}")
-    elif _LEGACY_PYDICOM and photometric.startswith("YBR_FULL"):
-        # pydicom >= 3 returns RGB already; 2.x only does so for data it decompressed itself.
-        if not getattr(syntax, "is_compressed", False):
-            pixels = convert_color_space(pixels, photometric, "RGB")
-    if pixels.ndim != 3 or pixels.shape[-1] != 3:
-        raise ImageError(f"DICOM colour pixel data has shape {pixels.shape}")
-    if pixels.dtype == np.uint8:
-        return pixels
-    # Colour data carries no window: its full stored range is the display range.
-    bits = 16 if photometric == "PALETTE COLOR" else int(ds.get("BitsStored") or 16)
-    return _stretch(pixels, 0, 2**bits - 1)

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 
+import pandas as pd
 from PIL import Image
 from tqdm import tqdm
 
@@ -70,35 +71,75 @@ def load_cohort(
     require_columns(table, _wanted_columns(source))
     if source.max_rows is not None:
         table = table.head(source.max_rows)
-    base = Path(source.manifest).parent
+    reader = _RowReader(source, labels)
     rows, skipped = [], []
     records = table.iterrows()
     if check_images and progress:
         records = tqdm(records, total=len(table), desc="checking cohort", unit="img", leave=False)
     for position, (_, record) in enumerate(records, start=1):
         try:
-            source_id = str(record[source.id_column]).strip()
-            if not source_id:
-                raise ValueError(f"empty {source.id_column}")
-            image_value = str(record[source.image_column]).strip()
-            if not image_value:
-                raise ValueError("empty image path")
-            image_path = base / image_value
-            values = row_labels(record, source.labels, labels)
+            row = reader.row(position, record)
             if check_images:
-                read_image(image_path)
-        except (ValueError, ImageError) as exc:
+                read_image(row.image_path)
+        except (ValueError, ImageError) as exc:  # their messages never quote a cell or path
             if source.on_error == "fail":
                 raise CohortError(
                     f"{exc} (source.on_error is fail)", where=f"source.manifest row {position}"
                 ) from None
             skipped.append(SkippedRow(position, str(exc)))
             continue
-        patient = str(record[source.patient_column]) if source.patient_column else source_id
-        rows.append(CohortRow(position, source_id, patient, image_path, values))
+        rows.append(row)
     if not rows:
         raise CohortError("no usable rows in the cohort", where="source.manifest")
     return Cohort(rows, skipped)
+
+
+class _RowReader:
+    """Turns manifest records into CohortRows; ValueError says what is wrong, never the cell."""
+
+    def __init__(self, source: SourceConfig, labels: dict[str, LabelSpec]):
+        self.source, self.labels = source, labels
+        self.root = Path(source.images_root or Path(source.manifest).parent).resolve()
+        self.first_row_of: dict[str, int] = {}  # source id -> the row that has it first
+
+    def row(self, position: int, record: pd.Series) -> CohortRow:
+        source = self.source
+        source_id = self._required(record, source.id_column, "id")
+        first = self.first_row_of.setdefault(source_id, position)
+        if first != position:  # two keys linked to one id would make the linkage ambiguous
+            raise ValueError(
+                f"duplicate id: source.id_column '{source.id_column}' repeats row {first}"
+            )
+        patient = source_id
+        if source.patient_column:
+            patient = self._required(record, source.patient_column, "patient id")
+        image_path = self._image_path(self._required(record, source.image_column, "image path"))
+        values = row_labels(record, source.labels, self.labels)
+        return CohortRow(position, source_id, patient, image_path, values)
+
+    @staticmethod
+    def _required(record: pd.Series, column: str, what: str) -> str:
+        value = record[column].strip()
+        if not value:
+            raise ValueError(f"empty {what} (column '{column}')")
+        return value
+
+    def _image_path(self, value: str) -> Path:
+        """The image's real path, refused unless it lies inside the images root.
+
+        Resolved once, here: an absolute path, `..` or a symlink that leads out is refused,
+        and the worker reads the very path that was checked.
+        """
+        try:
+            path = (self.root / value).resolve()
+        except (ValueError, RuntimeError, OSError):  # a NUL byte, a symlink loop
+            raise ValueError("invalid image path") from None
+        if not path.is_relative_to(self.root):
+            raise ValueError(
+                "image path leads outside the cohort folder (set source.images_root to read "
+                "images kept elsewhere)"
+            )
+        return path
 
 
 def source_image_loader(cohort: Cohort, config: PreprocessConfig) -> Callable[[int], Image.Image]:

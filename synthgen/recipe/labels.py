@@ -9,6 +9,7 @@ seed and the sample index).
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from statistics import NormalDist
@@ -138,8 +139,9 @@ class Categorical(_Label):
         return ", ".join(f"{v}: {p:.3g}" for v, p in self.probabilities().items())
 
     def check(self, value: object) -> str:
+        # Messages here never quote the value: it is a cohort cell, and may be anything.
         if str(value) not in self.values:
-            raise ValueError(f"'{value}' is not one of {', '.join(self.values)}")
+            raise ValueError(f"not one of the declared categories ({', '.join(self.values)})")
         return str(value)
 
     def to_stored(self, value: LabelValue) -> int:
@@ -159,6 +161,10 @@ class Categorical(_Label):
 
     def summary(self, stats: LabelStats) -> list[SummaryRow]:
         return [(v, f"{p:.3f}", f"{stats.share(v):.3f}") for v, p in self.probabilities().items()]  # type: ignore[union-attr]
+
+
+# A plain decimal number as a cohort table writes one: no `_`, no `inf`/`nan`, no hex.
+_PLAIN_NUMBER = re.compile(r"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?")
 
 
 class _Numeric(_Label):
@@ -191,13 +197,20 @@ class _Numeric(_Label):
                 raise FieldError("min", f"no integer lies in [{low:g}, {high:g}]")
 
     def check(self, value: object) -> int | float:
-        try:
-            number = float(value)  # type: ignore[arg-type]
-        except (TypeError, ValueError):
-            raise ValueError(f"'{value}' is not a number") from None
+        """A plain decimal number (`45`, `-1.5`, `1e3`) inside the bounds; nothing is coerced.
+
+        `float()` alone would take `4_5` as 45, `inf`, `nan` and padded text; an int label
+        takes a whole number only (`45` or `45.0`): a fraction is refused, never rounded.
+        """
+        text = str(value).strip()
+        number = float(text) if _PLAIN_NUMBER.fullmatch(text) else math.nan
+        if not math.isfinite(number):
+            raise ValueError("not a plain number")
+        if self.dtype == "int" and not number.is_integer():
+            raise ValueError("not a whole number (the label is an int)")
         low, high = self.bounds()
-        if math.isnan(number) or not low <= number <= high:
-            raise ValueError(f"{value} is outside [{low:g}, {high:g}]")
+        if not low <= number <= high:
+            raise ValueError(f"outside [{low:g}, {high:g}]")
         return self._cast(number)
 
     def encoding(self) -> LabelEncoding:
@@ -426,7 +439,7 @@ class Constant(_Label):
 
     def check(self, value: object) -> int | float | str:
         if str(value) != str(self.value):
-            raise ValueError(f"'{value}' differs from the constant {self.value}")
+            raise ValueError(f"differs from the declared constant {self.value}")
         return self.value
 
     @property
@@ -500,9 +513,8 @@ class Multilabel(_Label):
             parts = [] if value.strip() == self.none else value.split(self.join.strip() or ",")
             value = [p.strip() for p in parts if p.strip()]
         drawn = list(value)  # type: ignore[call-overload]
-        for finding in drawn:
-            if finding not in self.values:
-                raise ValueError(f"'{finding}' is not one of {', '.join(self.values)}")
+        if any(finding not in self.values for finding in drawn):
+            raise ValueError(f"names a finding that is not declared ({', '.join(self.values)})")
         return drawn
 
     def encoding(self) -> LabelEncoding:

@@ -15,7 +15,15 @@ from typing import Annotated, Any, Literal
 
 import numpy as np
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 from synthgen.errors import FieldError, RecipeError
 from synthgen.recipe.balance import BalanceConfig, Cell, quota_cells
@@ -26,7 +34,8 @@ from synthgen.recipe.prompts import render_prompt, template_fields
 REDACTED = "<redacted: protected path>"
 PRESETS = ("tiny", "sd14-random")  # built-in models, made offline in synthgen.render.pipeline
 # (section, field) of every path to real patients' data: made absolute on load, redacted in OUT.
-PROTECTED_PATHS = (("source", "manifest"), ("privacy", "linkage"), ("labels_from", "table"))
+PROTECTED_PATHS = (("source", "manifest"), ("source", "images_root"), ("privacy", "linkage"),
+                   ("labels_from", "table"))  # fmt: skip
 
 
 def looks_local(path: str) -> bool:
@@ -106,9 +115,14 @@ class PreprocessConfig(Strict):
 
 
 class SourceConfig(Strict):
-    """A real cohort for i2i: a table of image paths (relative to the table) and metadata."""
+    """A real cohort for i2i: a table of image paths and metadata.
+
+    Image paths are relative to `images_root` (default: the table's folder) and must lie inside
+    it once symlinks are resolved, so a manifest cannot make synthgen read any other file.
+    """
 
     manifest: str
+    images_root: str | None = None  # where the images live when not beside the table
     image_column: str
     id_column: str
     patient_column: str | None = None
@@ -116,6 +130,14 @@ class SourceConfig(Strict):
     preprocess: PreprocessConfig = PreprocessConfig()
     on_error: Literal["fail", "skip"] = "fail"
     max_rows: int | None = Field(None, ge=1)
+
+    @model_serializer(mode="wrap")
+    def _without_unset_images_root(self, handler: Callable[[Any], dict]) -> dict:
+        # Unset, it is left out: a recipe written before the field keeps its sha256 (and its OUT).
+        data = handler(self)
+        if data.get("images_root") is None:
+            data.pop("images_root", None)
+        return data
 
 
 class LabelsFromConfig(Strict):
@@ -302,8 +324,8 @@ class Recipe(Strict):
         """`change` applied to every path that points at real patients' data."""
         changes: dict[str, Any] = {}
         for section, field in PROTECTED_PATHS:
-            config = getattr(self, section)
-            if config is not None:
+            config = changes.get(section, getattr(self, section))
+            if config is not None and getattr(config, field) is not None:
                 changes[section] = config.model_copy(update={field: change(getattr(config, field))})
         return changes
 
