@@ -78,8 +78,8 @@ def validate(recipe: Path) -> None:
             click.echo(f"skip: row {skipped.row}: {skipped.reason}", err=True)
         if plan.cohort.skipped:
             detail += f", {len(plan.cohort.skipped)} rows skipped"
-    click.echo(f"size: {estimate(loaded, plan.total).describe()}")
     click.echo(f"ok: {recipe} ({loaded.name}: {detail}; sha256 {loaded.sha256()[:12]})")
+    click.echo(f"size: {estimate(loaded, plan.total).describe()}")
 
 
 @main.command()
