@@ -9,7 +9,7 @@ TORCH  ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo torch || echo to
 TORCH_INDEX ?=
 PYTEST_ARGS ?=
 
-.PHONY: install demo demo-i2i test test-gpu lint bench bench-gpu bench-wheels all-data clean
+.PHONY: install demo demo-i2i test test-gpu lint bench bench-scale bench-gpu bench-wheels all-data clean
 .DEFAULT_GOAL := demo
 
 # `install` = the package and its test extras; the demos need the package alone (quicker).
@@ -66,6 +66,13 @@ FORCE:
 BENCH_ARGS ?=
 bench: $(VENV)/.core
 	$(BIN)/python benchmarks/bench.py --device cpu $(BENCH_ARGS)
+
+# Bookkeeping at 10^2, 10^3 and 10^4 shards, local disk and S3 on loopback (moto): plan, claim,
+# commit, resume check, finalize, info, loader start-up, and the bytes finalize reads. About half
+# an hour on 2 cores; SCALE_ARGS="--shards 100 1000" for a quicker look.
+SCALE_ARGS ?=
+bench-scale: $(VENV)/.installed
+	$(BIN)/python benchmarks/scale.py $(SCALE_ARGS)
 
 # CUDA, sd14-random + rank-64 LoRA. On a machine without the venv: its python3 and torch plus
 # the wheels in .whl/, which `make bench-wheels` fetches where PyPI is reachable.
