@@ -1,4 +1,5 @@
-"""`make data/NAME`: a no-op when up to date, refused then redone when the recipe changes."""
+"""`make data/NAME`: a no-op when up to date, refused then redone when the recipe changes, grown
+when only num_samples rises."""
 
 from __future__ import annotations
 
@@ -39,10 +40,14 @@ def test_make_data_is_incremental(tmp_path):
         p: p.stat().st_mtime_ns for p in (tmp_path / "data").rglob("*") if p.is_file()
     } == mtimes
 
-    recipe.write_text(yaml.safe_dump(small_recipe(num_samples=6)))
+    recipe.write_text(yaml.safe_dump(small_recipe(num_samples=6, seed=99)))
     refused = make(tmp_path, "data/tiny")
     assert refused.returncode != 0 and "different recipe" in refused.stderr
     redone = make(tmp_path, "data/tiny", "GENERATE_ARGS=--overwrite")
     assert redone.returncode == 0, redone.stderr
     manifest = yaml.safe_load((tmp_path / "data" / "tiny" / "manifest.json").read_text())
     assert manifest["num_samples"] == 6
+
+    recipe.write_text(yaml.safe_dump(small_recipe(num_samples=10, seed=99)))
+    grown = make(tmp_path, "data/tiny")  # a larger num_samples grows the corpus in place
+    assert grown.returncode == 0 and "rendered 4 samples" in grown.stdout, grown.stderr

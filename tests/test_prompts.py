@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from synthgen.errors import RecipeError
-from synthgen.plan import prompt_values, t2i_spec
+from synthgen.plan import Plan, prompt_values
 from synthgen.recipe.prompts import render_prompt, template_fields
 from synthgen.recipe.schema import recipe_from_dict
 
@@ -71,7 +71,7 @@ def test_render_fills_fields_and_applies_plain_specs():
 
 def test_a_recipe_with_a_format_spec_renders_through_the_plan():
     recipe = recipe_from_dict(demo_with("age {age:>3} sbp {sbp:.1f} {laterality}"))
-    spec = t2i_spec(recipe, 3, "train")
+    spec = Plan(recipe).spec(3)
     labels = spec.labels
     assert spec.prompt == f"age {labels['age']:>3} sbp {labels['sbp']:.1f} {labels['laterality']}"
 
@@ -87,7 +87,8 @@ def test_multilabel_prompt_uses_join_and_none():
     shown = prompt_values(recipe, {"findings": ["atelectasis", "effusion"]})
     assert shown == {"findings": "atelectasis and effusion"}
     assert prompt_values(recipe, {"findings": []}) == {"findings": "no finding"}
-    prompts = {t2i_spec(recipe, i, "train").prompt for i in range(64)}
+    plan = Plan(recipe)
+    prompts = {plan.spec(i).prompt for i in range(64)}
     assert "chest x-ray demonstrating atelectasis and effusion" in prompts
     assert "chest x-ray demonstrating no finding" in prompts
     assert "chest x-ray demonstrating ['atelectasis']" not in prompts
@@ -111,4 +112,4 @@ def test_unsafe_templates_are_rejected_at_validation(template):
 def test_a_format_spec_the_label_cannot_take_is_rejected_at_validation(template):
     with pytest.raises(RecipeError, match="prompt"):
         recipe = recipe_from_dict(demo_with(template))
-        t2i_spec(recipe, 0, "train")  # if validation let it through, it must render
+        Plan(recipe, 0, "train")  # if validation let it through, it must render
