@@ -63,7 +63,9 @@ def corner_says(image: Image.Image) -> str:
 def models(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("checks")
     torch.jit.save(torch.jit.script(CornerEye()), str(folder / "corner.pt"))
-    torch.jit.save(torch.jit.script(ThreeOutputs()), str(folder / "three.pt"))
+    three = torch.export.export(ThreeOutputs(), (torch.rand(2, 3, 64, 64),),
+                                dynamic_shapes={"x": {0: torch.export.Dim("batch")}})  # fmt: skip
+    torch.export.save(three, str(folder / "three.pt2"))  # an exported program
     torch.save({"weights": torch.ones(2)}, folder / "pickle.pt")  # a torch.save pickle
     return folder
 
@@ -162,7 +164,7 @@ def test_models_that_cannot_serve_exit_2_naming_the_field(tmp_path, models):
     cases = {
         "missing": (str(models / "nowhere.pt"), "no such file"),
         "pickle": (str(models / "pickle.pt"), "a torch.save zip archive of pickles"),
-        "three": (str(models / "three.pt"), "the model has 3 outputs, but its labels take 2"),
+        "three": (str(models / "three.pt2"), "the model has 3 outputs, but its labels take 2"),
     }
     for name, (model, message) in cases.items():
         recipe = gated(models)
@@ -335,3 +337,41 @@ def test_pickles_never_reach_an_unpickler(tmp_path, models, monkeypatch):
         result = CliRunner().invoke(main, ["validate", str(path)])
         assert result.exit_code == 2 and "quality.checks.corner.model" in result.output
     assert reached == []
+
+
+# --- workers, Ray and a kill in the middle of a shard ---------------------------------------------
+
+
+@pytest.mark.slow
+def test_worker_processes_ray_and_a_killed_run_write_the_same_bytes(tmp_path, models, kept):
+    """Real subprocesses (tests/test_scale.py's helpers): two pool workers, local Ray actors,
+    and a run SIGKILLed while a shard with rejections is half written, then resumed."""
+    from test_scale import POOL, commits, kill_group, start, synthgen, temporaries, wait_for
+
+    recipe = write_recipe(tmp_path / "scale.yaml", gated(models, on_fail="keep"))
+    for name, flags in (("pool", POOL), ("ray", ("--executor", "ray"))):
+        synthgen("generate", str(recipe), "-o", str(tmp_path / name), *flags)
+        assert dataset_bytes(tmp_path / name) == dataset_bytes(kept), name
+
+    out = tmp_path / "killed"
+    first = start("generate", str(recipe), "-o", str(out), "--devices", "cpu")
+    mid_shard = lambda: (
+        len(commits(out)) >= 1
+        and any(  # noqa: E731
+            p.startswith("webdataset/") for p in temporaries(out)
+        )
+    )
+    wait_for(first, mid_shard)
+    half_written = {
+        p.split("/")[1].split(".")[0] for p in temporaries(out) if p.startswith("webdataset/")
+    }
+    kill_group(first)
+    assert not (out / "manifest.json").exists()
+    records = {name: json.loads((kept / ".synthgen" / "commits" / f"{name}.json").read_text())
+               for name in half_written}  # fmt: skip
+    assert any(r["quality"]["images"] > r["quality"]["samples"] for r in records.values()), (
+        "the shard killed mid-write should have had rejected images"
+    )
+    resumed = synthgen("generate", str(recipe), "-o", str(out), "--devices", "cpu")
+    assert "resumed:" in resumed.stderr
+    assert dataset_bytes(out) == dataset_bytes(kept)
