@@ -18,6 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+import yaml
 from click.testing import CliRunner
 from conftest import small_recipe, write_recipe
 from PIL import Image
@@ -355,12 +356,11 @@ def test_worker_processes_ray_and_a_killed_run_write_the_same_bytes(tmp_path, mo
 
     out = tmp_path / "killed"
     first = start("generate", str(recipe), "-o", str(out), "--devices", "cpu")
-    mid_shard = lambda: (
-        len(commits(out)) >= 1
-        and any(  # noqa: E731
-            p.startswith("webdataset/") for p in temporaries(out)
-        )
-    )
+
+    def mid_shard() -> bool:
+        shard_files = [p for p in temporaries(out) if p.startswith("webdataset/")]
+        return len(commits(out)) >= 1 and bool(shard_files)
+
     wait_for(first, mid_shard)
     half_written = {
         p.split("/")[1].split(".")[0] for p in temporaries(out) if p.startswith("webdataset/")
@@ -375,3 +375,21 @@ def test_worker_processes_ray_and_a_killed_run_write_the_same_bytes(tmp_path, mo
     resumed = synthgen("generate", str(recipe), "-o", str(out), "--devices", "cpu")
     assert "resumed:" in resumed.stderr
     assert dataset_bytes(out) == dataset_bytes(kept)
+
+
+def test_i2i_samples_go_again_from_their_own_source(tmp_path, models):
+    from conftest import ROOT
+
+    from synthgen.cohort.demo import make_cohort
+
+    recipe = yaml.safe_load((ROOT / "recipes" / "demo-i2i.yaml").read_text())
+    recipe.update(name="gi", shard_size=4)
+    recipe["source"].update(manifest=str(make_cohort(tmp_path / "cohort", rows=6, marker="GQ")))
+    recipe["privacy"]["linkage"] = str(tmp_path / "linkage.csv")
+    recipe["generation"].update(steps=2, batch_size=2, strength=[0.5])
+    recipe["quality"] = gated(models, on_fail="drop")["quality"]
+    out = run(tmp_path, recipe)
+    stored = rows(out)
+    dropped = json.loads((out / "manifest.json").read_text())["quality"]["dropped"]
+    assert len(stored) + dropped["count"] == 6 and all(r["quality_passed"] for r in stored)
+    assert max(r["quality_attempts"] for r in stored) > 1

@@ -210,7 +210,7 @@ def bind_checks(quality: QualityConfig, labels: Mapping[str, LabelSpec]) -> list
             raise FieldError(
                 f"labels.{name}", f"label names starting '{COLUMN_PREFIX}' are the gate's columns"
             )
-    bound = []
+    bound, stems = [], set()  # quality_CHECK_LABEL: one column name per check and label
     for check_name, check in quality.checks.items():
         where = f"quality.checks.{check_name}"
         if not re.fullmatch(r"[a-z][a-z0-9_]*", check_name):
@@ -224,6 +224,11 @@ def bind_checks(quality: QualityConfig, labels: Mapping[str, LabelSpec]) -> list
             )
         rules, start = [], 0
         for label, rule in check.labels.items():
+            if f"{check_name}_{label}" in stems:
+                raise FieldError(
+                    f"{where}.labels.{label}", "its columns would share another's name"
+                )
+            stems.add(f"{check_name}_{label}")
             bound_rule = _bind_rule(label, rule, labels, f"{where}.labels.{label}", start)
             start += len(bound_rule.columns)
             rules.append(bound_rule)
