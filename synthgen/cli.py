@@ -196,10 +196,9 @@ def generate(recipe, out, num_samples, devices, workers_per_device, executor, ad
 @user_errors
 def finalize(out: str) -> None:
     """Write OUT's manifest and dataset card again from its committed shards."""
-    from synthgen.output.outdir import OutDir
-    from synthgen.run.finalize import finalize as finalize_out
+    from synthgen.run.finalize import finalize_alone
 
-    manifest = finalize_out(OutDir(out))
+    manifest = finalize_alone(out)
     click.echo(f"finalized {out}: {manifest.num_samples} samples")
 
 
@@ -352,26 +351,27 @@ def schema() -> None:
 def audit(out, source, linkage, embedder, predictor, holdout, image_column, id_column,
           patient_column, report_dir, device, append_to_card):  # fmt: skip
     """Privacy–utility audit: how re-identifiable is OUT, and how much signal did it keep?"""
-    from synthgen.audit.engine import run_audit
+    from synthgen.audit.engine import AuditSettings, run_audit
     from synthgen.audit.inputs import read_linkage, source_items, synthetic_items
     from synthgen.audit.report import card_section
-    from synthgen.output.outdir import AUDIT_SECTION, OutDir
-    from synthgen.run.finalize import finalize as finalize_out
+    from synthgen.output.outdir import OutDir
+    from synthgen.run.finalize import finalize_alone
 
     outdir = OutDir(out)
+    if outdir.holds(report_dir):  # pairs.png shows real source images: never in the dataset
+        raise SynthgenError("must not be inside the output directory", where="--report-dir")
     links = read_linkage(linkage) if linkage else None
     synthetic = synthetic_items(outdir, links)
     columns = dict(image_column=image_column, id_column=id_column, patient_column=patient_column)
     sources = source_items(source, **columns)
     held = source_items(holdout, **columns) if holdout else []
-    report = run_audit(synthetic, sources, report_dir=report_dir, embedder=embedder,
-                       predictor=predictor, holdout=held, device=device)  # fmt: skip
+    settings = AuditSettings(embedder=embedder, predictor=predictor, device=device)
+    report = run_audit(synthetic, sources, report_dir=report_dir, holdout=held, settings=settings)
     click.echo(f"wrote {report_dir}/report.md, report.json, report.csv, tradeoff.png")
     for warning in report.get("warnings", []):
         click.echo(f"warning: {warning}", err=True)
     if append_to_card:
-        outdir.write_atomic(AUDIT_SECTION, card_section(report).encode())
-        finalize_out(outdir)
+        finalize_alone(out, audit_section=card_section(report))
         click.echo(f"added the audit summary to {out}/README.md")
 
 

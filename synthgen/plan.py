@@ -14,6 +14,8 @@ split holds exactly the same count of every cell.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
@@ -254,16 +256,82 @@ class _I2ISample:
     split: str
 
 
+Block = tuple[float, int]  # (strength, repeat): every cohort row once, split by split
+
+
+class I2ILayout:
+    """Which cohort row, strength and noise each i2i index is, laid out block by block.
+
+    Patients are dealt to splits after a seeded shuffle, so keys reveal nothing of the cohort's
+    order and a patient's images share a split. A block is one (strength, repeat) pass over the
+    rows; blocks an earlier run of the corpus planned keep their place and new ones (a strength
+    added to the list, a higher `repeats`) come after them, so a sweep grows without renumbering.
+    """
+
+    def __init__(self, recipe: Recipe, cohort: Cohort, earlier: Sequence[Block] = ()):
+        patients = list(dict.fromkeys(row.patient_id for row in cohort.rows))
+        shuffle = np.random.Generator(np.random.PCG64(_rng(recipe.seed, 0, _COHORT_STREAM)))
+        order = [patients[i] for i in shuffle.permutation(len(patients))]
+        rows_of: dict[str, list] = {}
+        for row in cohort.rows:
+            rows_of.setdefault(row.patient_id, []).append(row)
+        by_split, start = {}, 0
+        for split, count in split_counts(len(order), recipe.splits).items():
+            by_split[split] = [row for p in order[start : start + count] for row in rows_of[p]]
+            start += count
+        position = {r.row: i for i, r in enumerate(r for rows in by_split.values() for r in rows)}
+        wanted = [
+            (s, r) for s in recipe.generation.strengths() for r in range(recipe.generation.repeats)
+        ]
+        gone = [block for block in earlier if tuple(block) not in wanted]
+        if gone:
+            raise RecipeError(
+                f"OUT holds samples at strength {gone[0][0]:g} (repeat {gone[0][1]}) that this "
+                "recipe no longer asks for: a sweep can grow, not shrink (or pass --overwrite)",
+                where="generation.strength",
+            )
+        self.blocks = [tuple(b) for b in earlier] + [b for b in wanted if b not in earlier]
+        self.samples: list[_I2ISample] = []
+        self.groups: dict[tuple[str, float | None], list[int]] = {}
+        for strength, repeat in self.blocks:
+            for split, rows in by_split.items():
+                group = self.groups.setdefault((split, strength), [])
+                for row in rows:
+                    # The same noise at every strength: a sweep then varies strength alone.
+                    noise = image_seed(
+                        recipe.seed, position[row.row] * 1000 + repeat, _COHORT_STREAM
+                    )
+                    group.append(len(self.samples))
+                    self.samples.append(_I2ISample(row.row, strength, noise, split))
+
+
+def shard_tasks(
+    groups: dict[tuple[str, float | None], int], previous: Sequence[ShardTask], shard_size: int
+) -> list[ShardTask]:
+    """The earlier shards as they were, then new shards over each group's samples past them."""
+    tasks = list(previous)
+    for (split, strength), count in groups.items():
+        kept = [t for t in previous if (t.split, t.strength) == (split, strength)]
+        covered = max((t.stop for t in kept), default=0)
+        if count < covered:
+            raise RecipeError(
+                f"OUT holds {covered} {split} samples and this recipe asks for {count}: a "
+                "corpus can grow, not shrink (pass --overwrite to start again)",
+                where="num_samples",
+            )
+        number = max((t.shard for t in kept), default=-1) + 1
+        for shard, first in enumerate(range(covered, count, shard_size), number):
+            tasks.append(ShardTask(split, shard, first, min(first + shard_size, count), strength))
+    return tasks
+
+
 class Plan:
     """The shards of a run and the spec of every sample in them.
 
     T2I needs the recipe alone (plus the rows of `labels_from`, if any); I2I also needs the cohort
-    rows. I2I keys are numbered after a seeded shuffle of the patients, so a key reveals nothing
-    about the cohort's order, and every image of one patient lands in one split.
-
-    `previous`: the shards of an earlier run of the same corpus (from its run record). They are
-    kept as they are and the new samples go into shards after them: raising `num_samples`
-    renders only what is new.
+    rows. `previous`: the shards an earlier run of the same corpus planned (from its run record,
+    with its i2i `blocks`); they are kept as they are and the new samples go into shards after
+    them, so raising `num_samples` (or adding strengths or repeats) renders only what is new.
     """
 
     def __init__(
@@ -272,31 +340,46 @@ class Plan:
         cohort: Cohort | None = None,
         table: list[dict] | None = None,
         previous: Sequence[ShardTask] = (),
+        blocks: Sequence[Block] = (),
     ):
         self.recipe = recipe
         self.table = table
         self.cohort = cohort
         self.model = LabelModel(recipe.labels)
-        self._i2i: list[_I2ISample] = []
-        self._group_start: dict[tuple[str, float | None], int] = {}
         if recipe.generation.mode == "i2i":
             if cohort is None:
                 raise ValueError("an i2i plan needs the cohort")
-            self.layout = None
-            self.tasks = self._plan_i2i(cohort)
+            self.layout, self.i2i = None, I2ILayout(recipe, cohort, blocks)
+            sizes = {group: len(indices) for group, indices in self.i2i.groups.items()}
         else:
-            self.layout = T2ILayout(recipe)
-            self.tasks = self._plan_t2i(previous)
+            self.layout, self.i2i = T2ILayout(recipe), None
+            total = recipe.sample_count()
+            if self.layout.rounds_needed is not None:
+                self._check_balanced_splits(self.layout)
+            sizes = {(s, None): self.layout.split_count(s, total) for s in recipe.splits}
+        self.tasks = shard_tasks(sizes, previous, recipe.shard_size)
 
     @property
     def total(self) -> int:
         return sum(task.size for task in self.tasks)
 
+    @property
+    def blocks(self) -> list[Block]:
+        return list(self.i2i.blocks) if self.i2i is not None else []
+
+    def layout_sha256(self, size: int | None = None) -> str | None:
+        """Digest of which row, strength, split and noise the first `size` i2i indices are (all
+        by default): a grown sweep must keep it. Row numbers and seeds only: no id, no path."""
+        if self.i2i is None:
+            return None
+        samples = self.i2i.samples[: len(self.i2i.samples) if size is None else size]
+        layout = [(s.row, s.strength, s.split, s.seed) for s in samples]
+        return hashlib.sha256(json.dumps(layout).encode()).hexdigest()
+
     def indices(self, task: ShardTask) -> list[int]:
         if self.layout is not None:
             return [self.layout.index(task.split, rank) for rank in range(task.start, task.stop)]
-        first = self._group_start[(task.split, task.strength)]
-        return list(range(first + task.start, first + task.stop))
+        return self.i2i.groups[(task.split, task.strength)][task.start : task.stop]
 
     def specs(self, task: ShardTask) -> list[SampleSpec]:
         return [self.spec(index) for index in self.indices(task)]
@@ -305,7 +388,7 @@ class Plan:
         """Sample `index` alone (what `synthgen sample` prints), without building its shard."""
         if self.layout is not None:
             return t2i_spec(self.recipe, index, self.layout, self.model, self.table)
-        sample = self._i2i[index]
+        sample = self.i2i.samples[index]
         labels = self.cohort.by_row[sample.row].labels
         return SampleSpec(
             index=index,
@@ -330,27 +413,6 @@ class Plan:
             spec = t2i_spec(self.recipe, spec.index, self.layout, self.model, self.table, draw)
         return replace(spec, seed=attempt_seed(self.recipe.seed, spec.index, attempt))
 
-    def _plan_t2i(self, previous: Sequence[ShardTask]) -> list[ShardTask]:
-        recipe, layout = self.recipe, self.layout
-        total = recipe.sample_count()
-        if layout.rounds_needed is not None:
-            self._check_balanced_splits(layout)
-        tasks = list(previous)
-        for split in recipe.splits:
-            kept = [t for t in previous if t.split == split]
-            covered = max((t.stop for t in kept), default=0)
-            count = layout.split_count(split, total)
-            if count < covered:
-                raise RecipeError(
-                    f"OUT holds {covered} {split} samples and this recipe asks for {count}: a "
-                    "corpus can grow, not shrink (pass --overwrite to start again)",
-                    where="num_samples",
-                )
-            number = max((t.shard for t in kept), default=-1) + 1
-            for shard, first in enumerate(range(covered, count, recipe.shard_size), number):
-                tasks.append(ShardTask(split, shard, first, min(first + recipe.shard_size, count)))
-        return tasks
-
     def _check_balanced_splits(self, layout: T2ILayout) -> None:
         """Every split must get at least one whole round of the cell pattern."""
         rounds = layout.rounds_needed
@@ -363,38 +425,6 @@ class Plan:
                     where="balance",
                 )
 
-    def _plan_i2i(self, cohort: Cohort) -> list[ShardTask]:
-        recipe = self.recipe
-        patients = list(dict.fromkeys(row.patient_id for row in cohort.rows))
-        shuffle = np.random.Generator(np.random.PCG64(_rng(recipe.seed, 0, _COHORT_STREAM)))
-        order = [patients[i] for i in shuffle.permutation(len(patients))]
-        rows_of: dict[str, list] = {}
-        for row in cohort.rows:
-            rows_of.setdefault(row.patient_id, []).append(row)
-        by_split, start = {}, 0
-        for split, count in split_counts(len(order), recipe.splits).items():
-            by_split[split] = [row for p in order[start : start + count] for row in rows_of[p]]
-            start += count
-        position = {
-            row.row: i for i, row in enumerate(r for rows in by_split.values() for r in rows)
-        }
-        tasks: list[ShardTask] = []
-        for strength in recipe.generation.strengths():
-            for split, rows in by_split.items():
-                first = len(self._i2i)
-                self._group_start[(split, strength)] = first
-                for row in rows:
-                    for repeat in range(recipe.generation.repeats):
-                        # The same noise at every strength: a sweep then varies strength alone.
-                        draw = position[row.row] * 1000 + repeat
-                        noise = image_seed(recipe.seed, draw, _COHORT_STREAM)
-                        self._i2i.append(_I2ISample(row.row, strength, noise, split))
-                size = len(self._i2i) - first
-                for shard, begin in enumerate(range(0, size, recipe.shard_size)):
-                    stop = min(begin + recipe.shard_size, size)
-                    tasks.append(ShardTask(split, shard, begin, stop, strength))
-        return tasks
-
     def linkage(self) -> list[dict]:
         """key → source id rows for the separate linkage table (never written into OUT)."""
         rows = self.cohort.by_row
@@ -406,5 +436,5 @@ class Plan:
                 "source_row": sample.row,
                 "strength": sample.strength,
             }
-            for index, sample in enumerate(self._i2i)
+            for index, sample in enumerate(self.i2i.samples)
         ]

@@ -13,6 +13,7 @@ from PIL import Image
 
 from synthgen.audit.engine import (
     AuditError,
+    AuditSettings,
     ChanceLevelWarning,
     LabelHead,
     SourceItem,
@@ -21,11 +22,14 @@ from synthgen.audit.engine import (
     run_audit,
 )
 from synthgen.audit.reid import wilson_interval
+from synthgen.audit.report import PAIR_THUMB
 from synthgen.hashing import file_sha256
+from synthgen.preview.sheet import PAD
 
 N_PATIENTS = 20  # two images ("eyes") each: 40 sources
 SIZE = 32
 EMBEDDER = "pixels:8"  # 192 features: keeps FID's matrix square root instant
+QUIET = AuditSettings(embedder=EMBEDDER, progress=False)
 
 
 def smooth_field(rng: np.random.Generator, size: int = SIZE) -> np.ndarray:
@@ -73,12 +77,12 @@ def _noisy(fields, sources, levels, seed=0):
     return items
 
 
-def _audit(synthetic, sources, tmp_path, **kwargs):
-    kwargs.setdefault("embedder", EMBEDDER)
+def _audit(synthetic, sources, tmp_path, holdout=(), **options):
+    settings = AuditSettings(**{"embedder": EMBEDDER, "progress": False, **options})
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         report = run_audit(
-            synthetic, sources, report_dir=tmp_path / "report", progress=False, **kwargs
+            synthetic, sources, report_dir=tmp_path / "report", holdout=holdout, settings=settings
         )
     return report, [w for w in caught if issubclass(w.category, ChanceLevelWarning)]
 
@@ -190,10 +194,10 @@ def test_report_keeps_ids_out_and_records_settings(cohort, tmp_path, monkeypatch
     captions = []
     import synthgen.audit.report as audit_report
 
-    real_sheet = audit_report._contact_sheet
+    real_sheet = audit_report._pair_sheet
     monkeypatch.setattr(
         audit_report,
-        "_contact_sheet",
+        "_pair_sheet",
         lambda pairs, path, title: (
             captions.extend(p.caption for p in pairs),
             real_sheet(pairs, path, title),
@@ -322,6 +326,38 @@ def test_memorisation_flags_copied_training_images(cohort, tmp_path):
     assert [g["name"] for g in report["groups"]] == ["t2i"]
 
 
+def test_every_setting_reaches_the_report(cohort, tmp_path):
+    """One audit of i2i and t2i rows together: each AuditSettings field changes what is written."""
+    fields, sources = cohort
+    copies = [SyntheticItem(f"t2i-copy-{i}", sources[i].image, None, None) for i in range(3)]
+    report, _ = _audit(
+        _noisy(fields, sources, {0.3: 0.5}) + copies,
+        sources,
+        tmp_path,
+        batch_size=9,
+        lpips=None,
+        distribution=False,
+        memorisation_quantile=0.5,
+        contact_pairs=2,
+        extra={"recipe": "deid.yaml"},
+    )
+    assert [g["name"] for g in report["groups"]] == ["i2i strength=0.3", "t2i"]
+    assert all("distribution" not in group for group in report["groups"])
+    lpips = report["groups"][0]["fidelity"]["lpips"]
+    assert lpips == {"computed": False, "reason": "not requested"}
+    memo = report["memorisation"]
+    assert memo["threshold"]["quantile"] == 0.5 and memo["n_synthetic"] == 3
+    assert len(memo["closest"]) == 2 and all(
+        c["key"].startswith("t2i-copy") for c in memo["closest"]
+    )
+    assert report["settings"]["recipe"] == "deid.yaml"
+    assert report["settings"]["n_holdout"] == 0
+    two_pairs = PAD + 2 * (2 * PAIR_THUMB + 2 * PAD)  # one row of two pair tiles
+    for sheet in ("pairs.png", "memorisation.png"):
+        with Image.open(tmp_path / "report" / sheet) as image:
+            assert image.width == two_pairs, sheet
+
+
 @pytest.mark.parametrize(
     ("change", "message"),
     [
@@ -338,7 +374,7 @@ def test_bad_linkage_is_a_clear_error(cohort, tmp_path, change, message):
     _, sources = cohort
     synthetic = [SyntheticItem(f"s{i}", s.image, s.source_id, 0.5) for i, s in enumerate(sources)]
     with pytest.raises(AuditError, match=message) as caught:
-        run_audit(change(synthetic, sources), sources, report_dir=tmp_path, progress=False)
+        run_audit(change(synthetic, sources), sources, report_dir=tmp_path, settings=QUIET)
     assert "SECRET" not in str(caught.value)
 
 
@@ -346,19 +382,20 @@ def test_bad_cohorts_are_clear_errors(cohort, tmp_path):
     _, sources = cohort
     synthetic = [SyntheticItem("s0", sources[0].image, sources[0].source_id, 0.5)]
     with pytest.raises(AuditError, match="duplicate source id") as caught:
-        run_audit(synthetic, sources + [sources[3]], report_dir=tmp_path, progress=False)
+        run_audit(synthetic, sources + [sources[3]], report_dir=tmp_path, settings=QUIET)
     assert caught.value.where == "source #40" and "SECRET" not in str(caught.value)
     with pytest.raises(AuditError, match="at least 2"):
-        run_audit(synthetic, sources[:1], report_dir=tmp_path, progress=False)
+        run_audit(synthetic, sources[:1], report_dir=tmp_path, settings=QUIET)
     with pytest.raises(AuditError, match="shares patients"):
-        run_audit(synthetic, sources, holdout=sources[:2], report_dir=tmp_path, progress=False)
+        run_audit(synthetic, sources, holdout=sources[:2], report_dir=tmp_path, settings=QUIET)
     with pytest.raises(AuditError, match="both a predictor and its label heads"):
-        run_audit(synthetic, sources, predictor="pixels", report_dir=tmp_path, progress=False)
+        with_predictor = AuditSettings(predictor="pixels", progress=False)
+        run_audit(synthetic, sources, report_dir=tmp_path, settings=with_predictor)
     broken = [
         SyntheticItem("s0", lambda: Image.open("/nonexistent.png"), sources[0].source_id, 0.5)
     ]
     with pytest.raises(AuditError, match="cannot read the image of synthetic 's0'"):
-        run_audit(broken, sources, embedder=EMBEDDER, report_dir=tmp_path, progress=False)
+        run_audit(broken, sources, report_dir=tmp_path, settings=QUIET)
 
 
 def test_embedders_that_cannot_load_offline_are_clear_errors(tmp_path):

@@ -3,21 +3,26 @@
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
+import os
+import resource
 import shutil
+import subprocess
 from pathlib import Path
 
 import datasets
 import pytest
 import webdataset as wds
 import yaml
-from conftest import run_cli, small_recipe, write_recipe
+from conftest import ROOT, SYNTHGEN, run_cli, small_recipe, write_recipe
+from hooked_runs import cli, copy_of, hooked_env, one_error_line, snapshot, tiny_recipe
 from PIL import Image
 
 from synthgen.output.outdir import OutDir
 from synthgen.output.shards import ShardWriter
 from synthgen.plan import SampleSpec, ShardTask
-from synthgen.recipe.schema import recipe_from_dict
+from synthgen.recipe.schema import load_recipe, recipe_from_dict
 from synthgen.run.generate import generate
 
 
@@ -191,3 +196,161 @@ def test_resume_redoes_a_shard_cut_short_and_verify_finds_one_altered(tmp_path, 
     (out / "manifest.json").unlink()
     assert generate(recipe, str(out), verify=True).rendered == count[second]
     assert Path(second).read_bytes() == original[second]
+
+
+# --- output locations and damaged records: one line, exit 2, the way to repair it ---------------
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> tuple[Path, Path]:
+    """(recipe file, the OUT an uninterrupted run of it writes)."""
+    recipe = write_recipe(tmp_path_factory.mktemp("tiny") / "tiny.yaml", tiny_recipe())
+    generate(load_recipe(recipe), str(recipe.parent / "out"))
+    return recipe, recipe.parent / "out"
+
+
+def test_outputs_that_would_vanish_or_land_elsewhere_are_refused(tiny, tmp_path, monkeypatch):
+    recipe, _ = tiny
+    (tmp_path / "a-file").write_text("x")
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
+    cases = {
+        "": "--out: is empty",  # would be the current folder
+        "memory://x": "gone when synthgen exits",
+        "xyz://bucket/out": "Protocol not known: xyz",
+        str(tmp_path / "a-file"): "is a file, not a folder",
+        str(tmp_path / "a-file" / "out"): "a folder above it is a file",
+        str(tmp_path / "dangling"): "symbolic link to a place that does not exist",
+    }
+    if importlib.util.find_spec("gcsfs") is None:
+        cases["gs://bucket/out"] = "install gcsfs"
+    monkeypatch.chdir(tmp_path)
+    for out, message in cases.items():
+        refused = cli("generate", str(recipe), "-o", out)
+        line = one_error_line(refused.stderr)
+        assert refused.exit_code == 2 and message in line and (out in line or not out), line
+    assert sorted(os.listdir(tmp_path)) == ["a-file", "dangling"]  # nothing written anywhere
+    outside = cli(
+        "generate", str(recipe), "-o", str(tmp_path / "o"), env={"RANK": "3", "WORLD_SIZE": "2"}
+    )
+    assert (
+        outside.exit_code == 2
+        and "RANK: this process is rank 3 of a world of 2" in one_error_line(outside.stderr)
+    )
+
+
+def unshared(script: str) -> subprocess.CompletedProcess:
+    """`script` (sh) in a mount namespace of its own, where it may mount file systems."""
+    return subprocess.run(["unshare", "-m", "sh", "-c", script], capture_output=True, text=True,
+                          env=hooked_env(), cwd=ROOT, timeout=300)  # fmt: skip
+
+
+@pytest.fixture
+def namespaces(tmp_path):
+    if shutil.which("unshare") is None or unshared(f"mount -t tmpfs tmpfs {tmp_path}").returncode:
+        pytest.skip("needs unshare -m and mount (root in a container, or CAP_SYS_ADMIN)")
+
+
+def test_a_read_only_file_system_is_one_line(tiny, tmp_path, namespaces):
+    recipe, reference = tiny
+    mount = tmp_path / "ro"
+    mount.mkdir()
+    shutil.copytree(reference, mount / "done")
+    command = " ".join([*SYNTHGEN, "generate", str(recipe)])
+    result = unshared(
+        f"mount --bind {mount} {mount} && mount -o remount,ro,bind {mount} && "
+        f"{command} -o {mount}/new; echo new=$?; {' '.join(SYNTHGEN)} finalize {mount}/done; echo done=$?"
+    )
+    assert "new=2" in result.stdout and "done=2" in result.stdout, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert lines == [
+        f"error: {mount}/new: cannot create it (Read-only file system); choose another place",
+        f"error: {mount}/done: cannot be written to (a read-only file system, or no permission); "
+        "choose another place",
+    ]
+
+
+def test_a_file_size_limit_during_finalize_is_one_line_and_leaves_nothing_behind(tiny, tmp_path):
+    """RLIMIT_FSIZE, set in the child, makes the preview's write fail for real; finalize then
+    reports the file and the repair, leaves no temporary, and does not say OUT is complete."""
+    _, reference = tiny
+    out = copy_of(reference, tmp_path / "out")
+    limit = (out / "previews" / "preview.png").stat().st_size - 1
+
+    def limited() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    failed = run_cli("finalize", str(out), check=False, preexec_fn=limited)
+    line = one_error_line(failed.stderr)
+    assert failed.returncode == 2 and "cannot write previews/preview.png (File too large)" in line
+    assert "run the same command again" in line
+    assert not list(out.rglob("*.tmp-*")) and not (out / "manifest.json").exists()
+    run_cli("finalize", str(out))
+    assert snapshot(out) == snapshot(reference)
+
+
+def test_a_full_disk_during_finalize_is_one_line_and_leaves_nothing_behind(
+    tiny, tmp_path, namespaces
+):
+    """A tmpfs with room for the shards and records but not for the contact sheet."""
+    _, reference = tiny
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    out = copy_of(reference, tmp_path / "out")
+    shutil.rmtree(out / "previews")
+    (out / "manifest.json").unlink()
+    pages = sum(-(-p.stat().st_size // 4096) for p in out.rglob("*") if p.is_file())
+    sheet = -(-(reference / "previews" / "preview.png").stat().st_size // 4096)
+    size_kb = 4 * (pages + 4 + sheet // 2)  # tmpfs counts whole pages
+    result = unshared(
+        f"mount -t tmpfs -o size={size_kb}k tmpfs {disk} && cp -a {out} {disk}/out && "
+        f"{' '.join(SYNTHGEN)} finalize {disk}/out; echo rc=$?; "
+        f"find {disk}/out -name '*.tmp-*' -o -name manifest.json"
+    )
+    assert result.stdout.strip() == "rc=2", result.stdout  # no temporary, no manifest
+    line = one_error_line(result.stderr)
+    assert "cannot write previews/preview.png (No space left on device)" in line
+
+
+def test_damaged_records_are_one_line_naming_the_repair(tiny, tmp_path):
+    recipe, reference = tiny
+    out = copy_of(reference, tmp_path / "out")
+    run_json = out / ".synthgen" / "run.json"
+    run_json.write_text("{not json")
+    for command in (
+        ("generate", str(recipe), "-o", str(out)),
+        ("finalize", str(out)),
+        ("info", str(out)),
+    ):
+        refused = cli(*command)
+        line = one_error_line(refused.stderr)
+        assert (
+            refused.exit_code == 2
+            and "run.json is damaged (not JSON); rerun with --overwrite" in line
+        )
+    assert cli("generate", str(recipe), "-o", str(out), "--overwrite").exit_code == 0
+    assert snapshot(out) == snapshot(reference)
+
+    run_json.unlink()
+    run_json.mkdir()
+    refused = cli("generate", str(recipe), "-o", str(out))
+    assert (
+        refused.exit_code == 2
+        and ".synthgen/run.json cannot be read (Is a directory)" in one_error_line(refused.stderr)
+    )
+    run_json.rmdir()
+    shutil.copy(reference / ".synthgen" / "run.json", run_json)
+
+    commit = out / ".synthgen" / "commits" / "train-000000.json"
+    commit.write_bytes(b"\xff\xfe")
+    for command in (("finalize", str(out)), ("info", str(out))):
+        refused = cli(*command)
+        line = one_error_line(refused.stderr)
+        assert (
+            refused.exit_code == 2
+            and "train-000000.json is damaged (not JSON); rerun `synthgen generate`" in line
+        )
+    (out / "manifest.json").write_text("[]")
+    refused = cli("push", str(out), "--repo-id", "a/b", "--dry-run")
+    assert refused.exit_code == 2 and "manifest.json is damaged" in one_error_line(refused.stderr)
+    assert cli("generate", str(recipe), "-o", str(out)).exit_code == 0  # renders the shard again
+    assert snapshot(out) == snapshot(reference)

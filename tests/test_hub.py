@@ -32,7 +32,7 @@ EXPECTED = [
     "README.md",
     "manifest.json",
     "parquet/train-000000.parquet",
-    "previews/grid.png",
+    "previews/preview.png",
     "recipe.yaml",
     "webdataset/train-000000.tar",
 ]
@@ -99,7 +99,7 @@ def make_out(
         _tar({f"{key}.png": _png(1), f"{key}.json": b'{"age": 52}', f"{key}.txt": b"retina"})
     )
     (out / "parquet" / "train-000000.parquet").write_bytes(_parquet([key]))
-    (out / "previews" / "grid.png").write_bytes(_png(2))
+    (out / "previews" / "preview.png").write_bytes(_png(2))
     # Junk: bookkeeping, an unfinished shard, a partial write.
     (out / ".synthgen" / "shards" / "x.json").write_text('{"shard": 0}')
     (out / "parquet" / "train-000001.parquet.tmp").write_bytes(_parquet(["half"]))
@@ -309,3 +309,24 @@ def test_every_name_synthgen_writes_is_on_the_allow_list() -> None:
         assert ALLOWED_IN_FOLDER["parquet"].fullmatch(f"{task.name}.parquet"), task.name
     folder, name = WIDS_INDEX.format(split="train").split("/")
     assert ALLOWED_IN_FOLDER[folder].fullmatch(name)
+
+
+def test_audit_images_and_other_previews_are_never_pushed(tmp_path: Path) -> None:
+    # pairs.png and memorisation.png show real source images, wherever in OUT they are put.
+    out = make_out(tmp_path)
+    for folder in ("", "previews/", "webdataset/", "parquet/"):
+        for name in ("pairs.png", "memorisation.png"):
+            (out / f"{folder}{name}").write_bytes(_png(3))
+    (out / "previews" / "my-figure.png").write_bytes(_png(4))
+    assert files_to_upload(out) == EXPECTED
+
+
+def test_every_preview_finalize_draws_is_on_the_allow_list() -> None:
+    from synthgen.output.card import SHEET
+    from synthgen.output.hub import ALLOWED_IN_FOLDER
+    from synthgen.preview.plots import plot_name
+
+    folder, name = SHEET.split("/")
+    assert ALLOWED_IN_FOLDER[folder].fullmatch(name)
+    for label in ("age", "Sex_2", "_x"):  # label names are identifiers
+        assert ALLOWED_IN_FOLDER["previews"].fullmatch(plot_name(label))

@@ -382,7 +382,7 @@ def s3_server():
         endpoint_url=env["AWS_ENDPOINT_URL"],
         skip_instance_cache=True,
     )
-    fs.mkdir("bucket")
+    fs.makedirs("bucket", exist_ok=True)  # moto keeps its buckets for the whole process
     try:
         yield fs, env
     finally:
@@ -483,3 +483,43 @@ def test_shard_whose_path_is_blocked_fails_alone(recipe, one_worker, tmp_path):
     kept = [shard for shard in expected if shard["name"] != "train-000001"]
     assert [json.loads((out / ".synthgen" / "commits" / f"{s['name']}.json").read_text())["files"]
             for s in kept] == [s["files"] for s in kept]  # fmt: skip
+
+
+def test_s3_lease_refuses_a_second_run_and_lets_ranks_share(recipe, s3_server, monkeypatch):
+    """The lease on an object store: a file per process and a listing, no conditional write."""
+    from synthgen.errors import OutputError
+    from synthgen.output.lock import LeaseRecord, hold
+    from synthgen.output.outdir import LEASES, OutDir
+
+    fs, env = s3_server
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION",
+                 "AWS_ENDPOINT_URL"):  # fmt: skip
+        monkeypatch.setenv(name, env[name])
+    out = OutDir("s3://bucket/leased")
+    with hold(out, "ranks-2-x"), hold(out, "ranks-2-x"):  # two ranks of one launch
+        with pytest.raises(OutputError, match="in use by another synthgen run"):
+            hold(out)
+        refused = synthgen("generate", str(recipe), "-o", "s3://bucket/leased", *ONE, env=env,
+                           check=False)  # fmt: skip
+        assert refused.returncode == 2 and "Traceback" not in refused.stderr
+        assert "s3://bucket/leased: is in use by another synthgen run" in refused.stderr
+    elsewhere = LeaseRecord("0123456789ab", "x", "node7", "node7|boot", 1, "1", time.time() - 1)
+    fs.pipe(f"bucket/leased/{LEASES}/0123456789ab.json", elsewhere.to_json())
+    with hold(out):  # a lease of another machine that ran out is taken over
+        fs.invalidate_cache()
+        assert not fs.exists(f"bucket/leased/{LEASES}/0123456789ab.json")
+
+
+def test_s3_without_credentials_is_one_line(recipe, s3_server):
+    _, env = s3_server
+    bare = {k: v for k, v in env.items() if not k.startswith("AWS_")}
+    bare.update(AWS_ENDPOINT_URL=env["AWS_ENDPOINT_URL"], AWS_EC2_METADATA_DISABLED="true",
+                AWS_CONFIG_FILE="/dev/null", AWS_SHARED_CREDENTIALS_FILE="/dev/null")  # fmt: skip
+    result = synthgen(
+        "generate", str(recipe), "-o", "s3://bucket/none", *ONE, env=bare, check=False
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "error: s3://bucket/none: cannot reach it (NoCredentialsError: Unable to locate "
+        "credentials); check the credentials and the address"
+    ]

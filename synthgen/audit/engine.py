@@ -10,7 +10,7 @@ paper's matcher is unpublished, so no parity with its numbers is claimed.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -18,26 +18,38 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from synthgen.audit import report as audit_report
-from synthgen.audit.embedders import AuditError, load_embedder
-from synthgen.audit.fidelity import (
-    LabelHead,
-    LpipsScorer,
-    RealFeatures,
-    fid_kid,
-    kth_similarity,
-    label_agreement,
-    prdc,
+from synthgen.audit.embedders import AuditError, Embedder, load_embedder
+from synthgen.audit.fidelity import LabelHead, LpipsScorer
+from synthgen.audit.groups import (
+    DistributionScorer,
+    Group,
+    GroupEvidence,
+    groups_of,
+    score_groups,
 )
-from synthgen.audit.items import SourceItem, SyntheticItem, validate_inputs
-from synthgen.audit.memorisation import check_memorisation
-from synthgen.audit.reid import RankResult, mean_estimate, normalise, rank_sources, summarise_level
-from synthgen.audit.stream import PairFidelity, embed_stream
+from synthgen.audit.items import (
+    AuditInputs,
+    AuditSettings,
+    SourceItem,
+    SyntheticItem,
+    validate_inputs,
+)
+from synthgen.audit.memorisation import MemorisationInput, check_memorisation
+from synthgen.audit.reid import RankResult, normalise, rank_sources
+from synthgen.audit.stream import (
+    BatchHook,
+    Embedded,
+    ImageLike,
+    PairFidelity,
+    Streamed,
+    embed_stream,
+)
 
 __all__ = [
     "AuditError",
+    "AuditSettings",
     "ChanceLevelWarning",
     "LabelHead",
     "SourceItem",
@@ -46,39 +58,9 @@ __all__ = [
     "run_audit",
 ]
 
-DISTRIBUTION_MAX = 10_000  # images per side for precision/recall/density/coverage
-ALL_STRENGTHS = "i2i all strengths"
-
 
 class ChanceLevelWarning(UserWarning):
     """An attack did no better than chance: the attack failed, which does not prove privacy."""
-
-
-@dataclass
-class _Group:
-    mode: str  # "i2i" | "t2i"
-    strength: float | None
-    name: str
-    rows: np.ndarray  # indices into the synthetic sequence
-    number: int = 0  # histogram row in the re-identification result (per-strength groups)
-
-
-def _groups(synthetic: Sequence[SyntheticItem]) -> list[_Group]:
-    """One group per strength, one for all strengths when there are several, one for T2I."""
-    strengths: dict[float | None, list[int]] = {}
-    t2i: list[int] = []
-    for row, item in enumerate(synthetic):
-        (strengths.setdefault(item.strength, []) if item.source_id else t2i).append(row)
-    groups = []
-    for number, strength in enumerate(sorted(strengths, key=lambda s: (s is None, s or 0.0))):
-        name = "i2i" if strength is None else f"i2i strength={strength:g}"
-        groups.append(_Group("i2i", strength, name, np.array(strengths[strength]), number))
-    if len(groups) > 1:
-        rows = np.sort(np.concatenate([g.rows for g in groups]))
-        groups.append(_Group("i2i", None, ALL_STRENGTHS, rows, -1))
-    if t2i:
-        groups.append(_Group("t2i", None, "t2i", np.array(t2i), -1))
-    return groups
 
 
 def run_audit(
@@ -86,295 +68,215 @@ def run_audit(
     sources: Sequence[SourceItem],
     *,
     report_dir: Path,
-    embedder: str = "pixels",
-    predictor: str | None = None,
-    label_heads: Sequence[LabelHead] = (),
     holdout: Sequence[SourceItem] = (),
-    device: str = "cpu",
-    batch_size: int = 64,
-    lpips: str | None = "alex",
-    distribution: bool = True,
-    memorisation_quantile: float = 0.99,
-    contact_pairs: int = 16,
-    settings: Mapping[str, Any] | None = None,
-    progress: bool = True,
+    settings: AuditSettings | None = None,
 ) -> dict:
     """Audit synthetic images against their sources; write the report files; return report.json.
 
     I2I items (with a source_id) are ranked against every source; T2I items (no source_id) are
     checked for memorisation against the sources as training cohort and, when given, `holdout`
-    (real images never trained on). `label_heads` map the predictor's output columns to the
-    sources' `labels`. `settings` are extra caller settings recorded in the report (no ids).
+    (real images never trained on). Without `settings`, `AuditSettings()`.
     """
-    index = validate_inputs(synthetic, sources, holdout, predictor, label_heads)
-    embed = load_embedder(embedder, device)
-    predict = load_embedder(predictor, device, keep_head=True) if predictor else None
-    groups = _groups(synthetic)
-    i2i_rows = np.array([r for r, item in enumerate(synthetic) if item.source_id], dtype=np.int64)
-    true_index = np.array([index[synthetic[r].source_id] for r in i2i_rows], dtype=np.int64)
-    patient_of = {pid: n for n, pid in enumerate(dict.fromkeys(s.patient_id for s in sources))}
-    source_patient = np.array([patient_of[s.patient_id] for s in sources], dtype=np.int64)
-
-    real = embed_stream(
-        [(source.image, f"source #{i}") for i, source in enumerate(sources)],
-        embed,
-        batch_size=batch_size,
-        desc="embedding sources",
-        progress=progress,
-        predictor=predict,
-        predict_rows=np.unique(true_index),
+    settings = settings or AuditSettings()
+    inputs = validate_inputs(synthetic, sources, holdout, settings)
+    models = _Models.load(settings)
+    embedded = _embed(inputs, models, settings)
+    groups = groups_of(synthetic)
+    ranks = _rank(inputs, embedded, groups, settings)
+    distribution = DistributionScorer(embedded, settings.device) if settings.distribution else None
+    entries, found_warnings = score_groups(
+        groups, GroupEvidence(inputs, settings, embedded, ranks, distribution)
     )
-    scorer = LpipsScorer(lpips, device) if lpips else None
-    pair_scores = PairFidelity(
-        [
-            (sources[index[item.source_id]].image, f"the source of {item.key!r}")
-            if item.source_id
-            else None
-            for item in synthetic
-        ],
-        scorer,
-    )
-    fake = embed_stream(
-        [(item.image, f"synthetic {item.key!r}") for item in synthetic],
-        embed,
-        batch_size=batch_size,
-        desc="embedding synthetic",
-        progress=progress,
-        predictor=predict,
-        predict_rows=i2i_rows,
-        on_batch=pair_scores,
-    )
-    width = sum(head.width for head in label_heads)
-    if fake.predictions is not None and fake.predictions.shape[1] != width:
-        raise AuditError(
-            f"predictor {predictor!r} returns {fake.predictions.shape[1]} outputs per image but "
-            f"the label heads need {width}"
-        )
-    source_unit, synth_unit = normalise(real.features), normalise(fake.features)
-
-    ranks = None
-    position = {row: i for i, row in enumerate(i2i_rows.tolist())}
-    if len(i2i_rows):
-        query_group = np.zeros(len(i2i_rows), dtype=np.int64)
-        for group in groups:
-            if group.number >= 0:
-                query_group[[position[r] for r in group.rows]] = group.number
-        ranks = rank_sources(
-            synth_unit[i2i_rows],
-            source_unit,
-            true_index,
-            source_patient,
-            query_group,
-            device=device,
-            progress=progress,
-        )
-
-    entries, found_warnings = [], []
-    reference = _RealReference(real.features, source_unit, device) if distribution else None
-    for group in tqdm(groups, desc="scoring groups", unit="group", disable=not progress):
-        entry: dict[str, Any] = {
-            "mode": group.mode,
-            "strength": group.strength,
-            "name": group.name,
-            "n_synthetic": len(group.rows),
-        }
-        if group.mode == "i2i" and ranks is not None:
-            at = np.array([position[r] for r in group.rows])
-            levels = _reidentification(ranks, at, group, len(sources), len(patient_of))
-            entry["reidentification"] = {level: s.to_dict() for level, s in levels.items()}
-            found_warnings += _chance_warnings(levels, group.name, embedder)
-            entry["fidelity"] = _fidelity(group.rows, pair_scores, scorer)
-            source_rows = np.array([index[synthetic[r].source_id] for r in group.rows])
-            entry["label_utility"] = _label_utility(
-                group.rows, source_rows, sources, label_heads, fake.predictions, real.predictions
-            )
-        if distribution:
-            entry["distribution"] = _distribution(reference, fake.features, synth_unit, group.rows)
-        entries.append(entry)
     for message in found_warnings:
         warnings.warn(message, ChanceLevelWarning, stacklevel=2)
-
-    t2i_rows = np.array([r for r, item in enumerate(synthetic) if not item.source_id], dtype=int)
-    memorisation, memorised_pairs = None, []
-    if len(t2i_rows):
-        memorisation, memorised_pairs = check_memorisation(
-            synthetic,
-            t2i_rows,
-            synth_unit,
-            sources,
-            source_unit,
-            source_patient,
-            holdout,
-            embed,
-            batch_size=batch_size,
-            quantile=memorisation_quantile,
-            count=contact_pairs,
-            device=device,
-            progress=progress,
-        )
-
+    memorisation, memorised_pairs = _memorisation(inputs, embedded, settings)
     report = {
         "synthgen_audit": 1,
-        "settings": {
-            "embedder": embedder,
-            "embedder_weights_sha256": embed.weights_sha256,
-            "predictor": predictor,
-            "predictor_weights_sha256": predict.weights_sha256 if predict else None,
-            "label_heads": [
-                {"name": h.name, "kind": h.kind, "classes": list(h.classes)} for h in label_heads
-            ],
-            "similarity": "cosine of L2-normalised embeddings; ties count for the attacker",
-            "n_sources": len(sources),
-            "n_patients": len(patient_of),
-            "n_synthetic": len(synthetic),
-            "n_holdout": len(holdout),
-            "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "device": device,
-            "torch": torch.__version__,
-            **dict(settings or {}),
-        },
+        "settings": _settings_record(inputs, models, settings),
         "notes": audit_report.NOTES,
         "warnings": found_warnings,
         "groups": entries,
         "memorisation": memorisation,
     }
-    pairs = _most_reidentifiable(synthetic, sources, index, i2i_rows, ranks, contact_pairs)
+    pairs = _most_reidentifiable(inputs, ranks, settings.contact_pairs)
     return audit_report.write_report(report, Path(report_dir), pairs, memorised_pairs)
 
 
-def _reidentification(
-    ranks: RankResult, at: np.ndarray, group: _Group, n_sources: int, n_patients: int
-) -> dict:
-    histograms = slice(None) if group.number < 0 else slice(group.number, group.number + 1)
-    return {
-        "image": summarise_level(
-            ranks.image_rank[at],
-            ranks.true_similarity[at],
-            ranks.image_impostors[histograms].sum(0),
-            n_sources,
-        ),
-        "patient": summarise_level(
-            ranks.patient_rank[at],
-            ranks.patient_similarity[at],
-            ranks.patient_impostors[histograms].sum(0),
-            n_patients,
-        ),
-    }
+@dataclass(frozen=True)
+class _Models:
+    """The attacker's embedder, the label predictor and the LPIPS scorer, each loaded once."""
 
+    embed: Embedder
+    predict: Embedder | None
+    lpips: LpipsScorer | None
 
-def _chance_warnings(levels: dict, group_name: str, embedder: str) -> list[str]:
-    """Like anonymeter: say so when an attack does no better than guessing."""
-    found = []
-    for level, summary in levels.items():
-        for k, rate in (("top-1", summary.top1), ("top-5", summary.top5)):
-            if rate.at_chance:
-                found.append(
-                    f"{group_name}, {level} level: {k} re-identification {rate.value:.3f} "
-                    f"(95% CI {rate.ci95[0]:.3f}-{rate.ci95[1]:.3f}) is no better than chance "
-                    f"{rate.chance:.4f} with embedder {embedder!r}: the attack failed, which is "
-                    "not proof of privacy"
-                )
-    return found
-
-
-def _fidelity(rows: np.ndarray, scores: PairFidelity, scorer: LpipsScorer | None) -> dict:
-    ssim = scores.ssim[rows]
-    out: dict[str, Any] = {
-        "psnr_db": mean_estimate(scores.psnr[rows], "higher is closer to the source").to_dict(),
-        "ssim": mean_estimate(ssim[~np.isnan(ssim)], "higher is closer to the source").to_dict(),
-        "resize": "RGB in [0, 1] at the smaller of the two sizes (the larger downsampled, Lanczos)",
-    }
-    if scores.lpips is None:
-        reason = scorer.reason if scorer is not None else "not requested"
-        out["lpips"] = {"computed": False, "reason": reason}
-    else:
-        lpips = scores.lpips_values[rows]
-        out["lpips"] = mean_estimate(lpips, "lower is closer to the source").to_dict()
-    return out
-
-
-def _label_utility(
-    rows: np.ndarray,
-    source_rows: np.ndarray,
-    sources: Sequence[SourceItem],
-    heads: Sequence[LabelHead],
-    on_synthetic: np.ndarray | None,
-    on_source: np.ndarray | None,
-) -> dict:
-    if not heads or on_synthetic is None or on_source is None:
-        return {"computed": False, "reason": "no predictor was given (--predictor)"}
-    labels, column = {}, 0
-    for head in heads:
-        columns = slice(column, column + head.width)
-        column += head.width
-        truth = [sources[i].labels[head.name] for i in source_rows]
-        agreement = label_agreement(
-            head, truth, on_synthetic[rows, columns], on_source[source_rows, columns]
+    @classmethod
+    def load(cls, settings: AuditSettings) -> _Models:
+        device = settings.device
+        predictor = settings.predictor
+        return cls(
+            embed=load_embedder(settings.embedder, device),
+            predict=load_embedder(predictor, device, keep_head=True) if predictor else None,
+            lpips=LpipsScorer(settings.lpips, device) if settings.lpips else None,
         )
-        labels[head.name] = {name: estimate.to_dict() for name, estimate in agreement.items()}
-    return {"computed": True, "labels": labels}
 
 
-class _RealReference:
-    """The real side of the distribution metrics, shared by every group: computed once."""
-
-    def __init__(self, features: torch.Tensor, unit: torch.Tensor, device: str):
-        self.real, self.device = RealFeatures(features), device
-        self.unit = unit[_at_most(np.arange(len(features)), DISTRIBUTION_MAX)]
-        self._radii: dict[int, np.ndarray] = {}
-
-    def radii(self, k: int) -> np.ndarray:
-        if k not in self._radii:
-            self._radii[k] = kth_similarity(self.unit, k, self.device)
-        return self._radii[k]
-
-
-def _at_most(rows: np.ndarray, limit: int) -> np.ndarray:
-    """`rows`, or a fixed random `limit` of them in order (the same subset on every run)."""
-    if len(rows) <= limit:
-        return rows
-    return np.sort(np.random.default_rng(0).choice(rows, limit, replace=False))
-
-
-def _distribution(
-    reference: _RealReference, fake: torch.Tensor, fake_unit: torch.Tensor, rows: np.ndarray
-) -> dict:
-    fid, kid, reason = fid_kid(reference.real, fake[rows])
-    if reason:
-        return {"computed": False, "reason": reason}
-    rows = _at_most(rows, DISTRIBUTION_MAX)
-    k = min(5, len(reference.unit) - 1, len(rows) - 1)
-    scores = prdc(
-        reference.unit,
-        fake_unit[rows],
-        k=k,
-        device=reference.device,
-        real_kth=reference.radii(k),
+def _embed(inputs: AuditInputs, models: _Models, settings: AuditSettings) -> Embedded:
+    """Every image through the embedder once, the predictor on linked rows only; each
+    image-to-image output is scored against its source on the way. The holdout is embedded only
+    when text-to-image rows are checked against it."""
+    real = _stream(
+        _numbered(inputs.sources, "source"),
+        "embedding sources",
+        models,
+        settings,
+        predict_rows=np.unique(inputs.true_index),
     )
-    out = {"computed": True, "fid": fid.to_dict(), "kid": kid.to_dict(), "prdc_k": k}
-    for name in ("precision", "recall", "density", "coverage"):
-        out[name] = getattr(scores, name).to_dict()
-    return out
+    pair_scores = PairFidelity(_sources_of(inputs), models.lpips)
+    fake = _stream(
+        [(item.image, f"synthetic {item.key!r}") for item in inputs.synthetic],
+        "embedding synthetic",
+        models,
+        settings,
+        predict_rows=inputs.i2i_rows,
+        on_batch=pair_scores,
+    )
+    _check_prediction_width(fake, settings)
+    holdout_unit = None
+    if len(inputs.t2i_rows) and inputs.holdout:
+        held = _stream(_numbered(inputs.holdout, "holdout"), "embedding holdout", models, settings)
+        holdout_unit = normalise(held.features)
+    return Embedded(
+        real, fake, pair_scores, normalise(real.features), normalise(fake.features), holdout_unit
+    )
+
+
+def _sources_of(inputs: AuditInputs) -> list[tuple[ImageLike, str] | None]:
+    """The source image of each synthetic row (None for text-to-image), named without its id."""
+    return [
+        (inputs.sources[inputs.source_row[item.source_id]].image, f"the source of {item.key!r}")
+        if item.source_id
+        else None
+        for item in inputs.synthetic
+    ]
+
+
+def _check_prediction_width(fake: Streamed, settings: AuditSettings) -> None:
+    width = sum(head.width for head in settings.label_heads)
+    if fake.predictions is not None and fake.predictions.shape[1] != width:
+        raise AuditError(
+            f"predictor {settings.predictor!r} returns {fake.predictions.shape[1]} outputs per "
+            f"image but the label heads need {width}"
+        )
+
+
+def _numbered(items: Sequence[SourceItem], what: str) -> list[tuple[ImageLike, str]]:
+    """Real images named by position (`source #12`): their ids are protected."""
+    return [(item.image, f"{what} #{i}") for i, item in enumerate(items)]
+
+
+def _stream(
+    images: Sequence[tuple[ImageLike, str]],
+    desc: str,
+    models: _Models,
+    settings: AuditSettings,
+    *,
+    predict_rows: np.ndarray | None = None,
+    on_batch: BatchHook | None = None,
+) -> Streamed:
+    """`embed_stream` with this audit's embedder and batches; the predictor where rows are given."""
+    return embed_stream(
+        images,
+        models.embed,
+        batch_size=settings.batch_size,
+        desc=desc,
+        progress=settings.progress,
+        predictor=models.predict if predict_rows is not None else None,
+        predict_rows=predict_rows,
+        on_batch=on_batch,
+    )
+
+
+def _rank(
+    inputs: AuditInputs, embedded: Embedded, groups: Sequence[Group], settings: AuditSettings
+) -> RankResult | None:
+    """Where each image-to-image output's source (and patient) ranks among all sources."""
+    if not len(inputs.i2i_rows):
+        return None
+    query_group = np.zeros(len(inputs.i2i_rows), dtype=np.int64)
+    for group in groups:
+        if group.number >= 0:
+            query_group[inputs.at(group.rows)] = group.number
+    return rank_sources(
+        embedded.synth_unit[inputs.i2i_rows],
+        embedded.source_unit,
+        inputs.true_index,
+        inputs.source_patient,
+        query_group,
+        device=settings.device,
+        progress=settings.progress,
+    )
+
+
+def _memorisation(
+    inputs: AuditInputs, embedded: Embedded, settings: AuditSettings
+) -> tuple[dict[str, Any] | None, list[audit_report.Pair]]:
+    """The memorisation check of the text-to-image rows, if there are any."""
+    if not len(inputs.t2i_rows):
+        return None, []
+    t2i = MemorisationInput(
+        synthetic=[inputs.synthetic[row] for row in inputs.t2i_rows],
+        queries=embedded.synth_unit[inputs.t2i_rows],
+        training=inputs.sources,
+        training_unit=embedded.source_unit,
+        training_patient=inputs.source_patient,
+        holdout_unit=embedded.holdout_unit,
+    )
+    return check_memorisation(
+        t2i,
+        quantile=settings.memorisation_quantile,
+        count=settings.contact_pairs,
+        device=settings.device,
+    )
+
+
+def _settings_record(inputs: AuditInputs, models: _Models, settings: AuditSettings) -> dict:
+    """What report.json says about how it was made: names, hashes and counts, no ids."""
+    return {
+        "embedder": settings.embedder,
+        "embedder_weights_sha256": models.embed.weights_sha256,
+        "predictor": settings.predictor,
+        "predictor_weights_sha256": models.predict.weights_sha256 if models.predict else None,
+        "label_heads": [
+            {"name": h.name, "kind": h.kind, "classes": list(h.classes)}
+            for h in settings.label_heads
+        ],
+        "similarity": "cosine of L2-normalised embeddings; ties count for the attacker",
+        "n_sources": len(inputs.sources),
+        "n_patients": inputs.n_patients,
+        "n_synthetic": len(inputs.synthetic),
+        "n_holdout": len(inputs.holdout),
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "device": settings.device,
+        "torch": torch.__version__,
+        **dict(settings.extra),
+    }
 
 
 def _most_reidentifiable(
-    synthetic: Sequence[SyntheticItem],
-    sources: Sequence[SourceItem],
-    index: dict[str, int],
-    i2i_rows: np.ndarray,
-    ranks: RankResult | None,
-    count: int,
+    inputs: AuditInputs, ranks: RankResult | None, count: int
 ) -> list[audit_report.Pair]:
     """Best-ranked first, most similar first among equals; captions carry keys and ranks only."""
     if ranks is None or count <= 0:
         return []
     pairs = []
     for at in np.lexsort((-ranks.true_similarity, ranks.image_rank))[:count]:
-        item = synthetic[i2i_rows[at]]
+        item = inputs.synthetic[inputs.i2i_rows[at]]
         strength = "" if item.strength is None else f" s={item.strength:g}"
         caption = (
             f"{item.key}{strength}\n"
             f"rank {ranks.image_rank[at]}, sim {ranks.true_similarity[at]:.3f}"
         )
-        pairs.append(audit_report.Pair(item.image, sources[index[item.source_id]].image, caption))
+        source = inputs.sources[inputs.true_index[at]]
+        pairs.append(audit_report.Pair(item.image, source.image, caption))
     return pairs

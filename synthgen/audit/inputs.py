@@ -10,6 +10,8 @@ import csv
 import io
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 from PIL import Image
 
 from synthgen.audit.embedders import AuditError
@@ -22,15 +24,27 @@ from synthgen.recipe.schema import PreprocessConfig, SourceConfig, load_recipe
 
 
 def read_linkage(path: str) -> dict[str, str]:
-    """key -> source id, from the table `synthgen generate` wrote beside OUT."""
+    """key -> source id, from the table `synthgen generate` wrote beside OUT (CSV or Parquet,
+    told apart by their bytes, not their names)."""
     file = Path(path)
     if not file.is_file():
         raise AuditError("linkage table not found", where="--linkage")
-    with open(file, newline="") as handle:
-        rows = list(csv.DictReader(handle))
+    rows = _linkage_rows(file)
     if not rows or not {"key", "source_id"} <= set(rows[0]):
         raise AuditError("needs the columns key and source_id", where="--linkage")
-    return {row["key"]: row["source_id"] for row in rows}
+    return {str(row["key"]): str(row["source_id"]) for row in rows}
+
+
+def _linkage_rows(file: Path) -> list[dict]:
+    try:
+        with open(file, "rb") as handle:
+            parquet = handle.read(4) == b"PAR1"
+        if parquet:
+            return pq.read_table(file).to_pylist()
+        with open(file, newline="", encoding="utf-8") as handle:
+            return list(csv.DictReader(handle))
+    except (OSError, UnicodeDecodeError, csv.Error, pa.ArrowException):
+        raise AuditError("cannot be read as a CSV or Parquet table", where="--linkage") from None
 
 
 def synthetic_items(out: OutDir, linkage: dict[str, str] | None) -> list[SyntheticItem]:

@@ -10,14 +10,14 @@ from __future__ import annotations
 import csv
 import json
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from PIL import Image, ImageOps
 
-from synthgen.audit.stream import load_image
+from synthgen.audit.groups import ALL_STRENGTHS
+from synthgen.audit.stream import ImageLike, load_image
 from synthgen.preview.plots import figure_png, new_figure
 from synthgen.preview.sheet import BACKGROUND, PAD, contact_sheet, png_bytes
 
@@ -31,14 +31,16 @@ NOTES = [
     "(rate - chance) / (1 - chance). A patient-level hit is any image of the same patient.",
     "pairs.png and memorisation.png show real source images: share them only as the cohort allows.",
 ]
+PAIR_THUMB = 128  # pixels a side of each half of a contact-sheet pair
+DISTRIBUTION_METRICS = ("fid", "kid", "precision", "recall", "density", "coverage")
 
 
 @dataclass
 class Pair:
     """One contact-sheet panel: synthetic beside a real image, captioned without ids."""
 
-    synthetic: Image.Image | Callable[[], Image.Image]
-    real: Image.Image | Callable[[], Image.Image]
+    synthetic: ImageLike
+    real: ImageLike
     caption: str
 
 
@@ -56,18 +58,17 @@ def _clean(value: Any) -> Any:
 
 
 def write_report(report: dict, report_dir: Path, pairs: list[Pair], memorised: list[Pair]) -> dict:
+    """Write every report file into `report_dir`; return report.json's content."""
     report_dir.mkdir(parents=True, exist_ok=True)
     files = ["report.json", "report.csv", "report.md", "tradeoff.png"]
-    if pairs:
-        _contact_sheet(
-            pairs, report_dir / "pairs.png", "Most re-identifiable pairs (synthetic | source)"
-        )
-        files.append("pairs.png")
-    if memorised:
-        _contact_sheet(
-            memorised, report_dir / "memorisation.png", "Closest T2I pairs (synthetic | training)"
-        )
-        files.append("memorisation.png")
+    sheets = [
+        ("pairs.png", pairs, "Most re-identifiable pairs (synthetic | source)"),
+        ("memorisation.png", memorised, "Closest T2I pairs (synthetic | training)"),
+    ]
+    for name, shown, title in sheets:
+        if shown:
+            _pair_sheet(shown, report_dir / name, title)
+            files.append(name)
     report["files"] = files
     clean = _clean(report)
     (report_dir / "report.json").write_text(json.dumps(clean, indent=2) + "\n")
@@ -86,8 +87,7 @@ def card_section(report: dict) -> str:
         "top-1 re-identification of the true source (image) and patient, with 95% intervals, "
         "beside chance. The embedder gives a lower bound on risk; a stronger attacker may do better.",
         "",
-        "| group | n | image top-1 | patient top-1 | chance (image) |",
-        "|---|---|---|---|---|",
+        *_table_head("group", "n", "image top-1", "patient top-1", "chance (image)"),
     ]
     for group in report["groups"]:
         top1 = {
@@ -147,7 +147,7 @@ def _write_csv(report: dict, path: Path) -> None:
             row[f"{level}_verification_auc"] = _get(summary, "verification_auc", "value")
         for name in ("psnr_db", "ssim", "lpips"):
             row[name] = _get(group, "fidelity", name, "value")
-        for name in ("fid", "kid", "precision", "recall", "density", "coverage"):
+        for name in DISTRIBUTION_METRICS:
             row[name] = _get(group, "distribution", name, "value")
         label, value = utility_axis(group)
         row["utility"], row["utility_metric"] = value, label
@@ -169,13 +169,22 @@ def _fmt(estimate: dict | None, digits: int = 3) -> str:
     return f"{estimate['value']:.{digits}f}{interval}"
 
 
+def _heading(title: str) -> list[str]:
+    return ["", f"## {title}", ""]
+
+
+def _table_head(*columns: str) -> list[str]:
+    """A Markdown table's header row and its rule."""
+    return ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+
+
 def _markdown(report: dict) -> str:
     settings = report["settings"]
     lines = ["# Privacy–utility audit", ""]
     lines += [f"- **{key}**: {value}" for key, value in settings.items() if key != "label_heads"]
-    lines += ["", "## Read this first", ""] + [f"- {note}" for note in report["notes"]]
+    lines += _heading("Read this first") + [f"- {note}" for note in report["notes"]]
     if report["warnings"]:
-        lines += ["", "## Warnings", ""] + [f"- ⚠ {message}" for message in report["warnings"]]
+        lines += _heading("Warnings") + [f"- ⚠ {message}" for message in report["warnings"]]
     groups = report["groups"]
     i2i = [group for group in groups if group.get("reidentification")]
     if i2i:
@@ -183,18 +192,16 @@ def _markdown(report: dict) -> str:
     lines += _md_distribution([group for group in groups if group.get("distribution")])
     if report.get("memorisation"):
         lines += _md_memorisation(report["memorisation"])
-    lines += ["", "## Files", ""] + [f"- `{name}`" for name in report["files"]]
+    lines += _heading("Files") + [f"- `{name}`" for name in report["files"]]
     return "\n".join(lines) + "\n"
 
 
 def _md_reidentification(groups: list[dict]) -> list[str]:
-    lines = [
-        "",
-        "## Re-identification (95% Wilson intervals; chance beside each rate)",
-        "",
-        "| group | level | N | top-1 | chance | risk | top-5 | chance | risk | mean rank | AUC |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
+    lines = _heading("Re-identification (95% Wilson intervals; chance beside each rate)")
+    lines += _table_head(
+        "group", "level", "N", "top-1", "chance", "risk", "top-5", "chance", "risk", "mean rank",
+        "AUC",
+    )  # fmt: skip
     for group in groups:
         for level in ("image", "patient"):
             summary = group["reidentification"][level]
@@ -209,13 +216,7 @@ def _md_reidentification(groups: list[dict]) -> list[str]:
 
 
 def _md_fidelity(groups: list[dict]) -> list[str]:
-    lines = [
-        "",
-        "## Fidelity to the source",
-        "",
-        "| group | PSNR dB | SSIM | LPIPS |",
-        "|---|---|---|---|",
-    ]
+    lines = _heading("Fidelity to the source") + _table_head("group", "PSNR dB", "SSIM", "LPIPS")
     lpips_reason = None
     for group in groups:
         fidelity = group["fidelity"]
@@ -232,7 +233,7 @@ def _md_fidelity(groups: list[dict]) -> list[str]:
 
 
 def _md_labels(groups: list[dict]) -> list[str]:
-    lines = ["", "## Label utility", ""]
+    lines = _heading("Label utility")
     first = groups[0]["label_utility"]
     if not first["computed"]:
         return lines + [f"Not computed: {first['reason']}."]
@@ -248,28 +249,22 @@ def _md_labels(groups: list[dict]) -> list[str]:
 def _md_distribution(groups: list[dict]) -> list[str]:
     if not groups:
         return []
-    lines = [
-        "",
-        "## Distribution fidelity against all sources (features: the audit embedder)",
-        "",
-        "| group | FID | KID | precision | recall | density | coverage |",
-        "|---|---|---|---|---|---|---|",
-    ]
+    lines = _heading("Distribution fidelity against all sources (features: the audit embedder)")
+    lines += _table_head("group", "FID", "KID", "precision", "recall", "density", "coverage")
     for group in groups:
         dist = group["distribution"]
         if not dist["computed"]:
             lines.append(f"| {group['name']} | {dist['reason']} | | | | | |")
             continue
         cells = " | ".join(
-            _fmt(dist[name], 4 if name == "kid" else 3)
-            for name in ("fid", "kid", "precision", "recall", "density", "coverage")
+            _fmt(dist[name], 4 if name == "kid" else 3) for name in DISTRIBUTION_METRICS
         )
         lines.append(f"| {group['name']} | {cells} |")
     return lines
 
 
 def _md_memorisation(memorisation: dict) -> list[str]:
-    lines = ["", "## Memorisation (text-to-image)", ""]
+    lines = _heading("Memorisation (text-to-image)")
     lines.append(
         f"- nearest training similarity: {_fmt(memorisation['nearest_training_similarity'])}"
     )
@@ -283,7 +278,7 @@ def _md_memorisation(memorisation: dict) -> list[str]:
     versus = memorisation["closer_to_training_than_holdout"]
     versus_text = _fmt(versus) if versus.get("computed", True) else versus["reason"]
     lines.append(f"- share closer to training than holdout (0.5 = none): {versus_text}")
-    lines += ["", "| closest synthetic | similarity | above threshold |", "|---|---|---|"]
+    lines += ["", *_table_head("closest synthetic", "similarity", "above threshold")]
     lines += [
         f"| {c['key']} | {c['similarity']:.4f} | {c['above']} |" for c in memorisation["closest"]
     ]
@@ -291,41 +286,15 @@ def _md_memorisation(memorisation: dict) -> list[str]:
 
 
 def _tradeoff(report: dict, path: Path) -> None:
+    """tradeoff.png: top-1 re-identification against utility, one point per strength."""
     groups = [
-        g
-        for g in report["groups"]
-        if g.get("reidentification") and g["name"] != "i2i all strengths"
+        g for g in report["groups"] if g.get("reidentification") and g["name"] != ALL_STRENGTHS
     ]
     fig = new_figure(6.4, 4.8, dpi=120)
     ax = fig.add_subplot()
-    x_label = "utility"
     for level, marker in (("image", "o"), ("patient", "s")):
-        xs, ys, lows, highs, names = [], [], [], [], []
-        for group in groups:
-            x_label, x = utility_axis(group)
-            rate = group["reidentification"][level]["top1"]
-            if x is None or rate["value"] is None:
-                continue
-            xs.append(x)
-            ys.append(rate["value"])
-            lows.append(rate["value"] - rate["ci95"][0])
-            highs.append(rate["ci95"][1] - rate["value"])
-            names.append("" if group["strength"] is None else f"s={group['strength']:g}")
-        if not xs:
-            continue
-        ax.errorbar(
-            xs, ys, yerr=[lows, highs], marker=marker, capsize=3, label=f"top-1, {level} level"
-        )
-        for x, y, name in zip(xs, ys, names, strict=True):
-            ax.annotate(name, (x, y), textcoords="offset points", xytext=(5, 5), fontsize=8)
-        summary = groups[0]["reidentification"][level]
-        ax.axhline(
-            summary["top1"]["chance"],
-            linestyle="--" if level == "image" else ":",
-            color="grey",
-            label=f"chance, {level} level (1/{summary['gallery_size']})",
-        )
-    ax.set_xlabel(x_label)
+        _plot_level(ax, groups, level, marker)
+    ax.set_xlabel(utility_axis(groups[-1])[0] if groups else "utility")
     ax.set_ylabel("top-1 re-identification rate")
     ax.set_ylim(-0.02, 1.1)
     ax.set_title(
@@ -339,18 +308,44 @@ def _tradeoff(report: dict, path: Path) -> None:
     path.write_bytes(figure_png(fig))
 
 
-def _contact_sheet(pairs: list[Pair], path: Path, title: str, thumb: int = 128) -> None:
-    """Each tile: the synthetic image beside the real one, captioned with keys and ranks only."""
-    items = []
-    for pair in pairs:
-        halves = [
-            load_image(image, "a contact-sheet image") for image in (pair.synthetic, pair.real)
-        ]
-        halves = [ImageOps.contain(half.convert("RGB"), (thumb, thumb)) for half in halves]
-        tile = Image.new("RGB", (2 * thumb + PAD, thumb), BACKGROUND)
-        for n, half in enumerate(halves):
-            tile.paste(half, (n * (thumb + PAD), 0))
-        items.append((tile, pair.caption.splitlines()))
-    path.write_bytes(
-        png_bytes(contact_sheet(items, columns=4, thumb=(2 * thumb + PAD, thumb), title=title))
+def _plot_level(ax, groups: list[dict], level: str, marker: str) -> None:
+    """One level's rates with their intervals, each labelled by strength, and its chance line."""
+    xs, ys, lows, highs, names = [], [], [], [], []
+    for group in groups:
+        _, x = utility_axis(group)
+        rate = group["reidentification"][level]["top1"]
+        if x is None or rate["value"] is None:
+            continue
+        xs.append(x)
+        ys.append(rate["value"])
+        lows.append(rate["value"] - rate["ci95"][0])
+        highs.append(rate["ci95"][1] - rate["value"])
+        names.append("" if group["strength"] is None else f"s={group['strength']:g}")
+    if not xs:
+        return
+    ax.errorbar(xs, ys, yerr=[lows, highs], marker=marker, capsize=3, label=f"top-1, {level} level")
+    for x, y, name in zip(xs, ys, names, strict=True):
+        ax.annotate(name, (x, y), textcoords="offset points", xytext=(5, 5), fontsize=8)
+    summary = groups[0]["reidentification"][level]
+    ax.axhline(
+        summary["top1"]["chance"],
+        linestyle="--" if level == "image" else ":",
+        color="grey",
+        label=f"chance, {level} level (1/{summary['gallery_size']})",
     )
+
+
+def _pair_sheet(pairs: list[Pair], path: Path, title: str, thumb: int = PAIR_THUMB) -> None:
+    """The preview's contact sheet with one tile a pair, captioned with keys and ranks only."""
+    items = [(_pair_tile(pair, thumb), pair.caption.splitlines()) for pair in pairs]
+    sheet = contact_sheet(items, columns=4, thumb=(2 * thumb + PAD, thumb), title=title)
+    path.write_bytes(png_bytes(sheet))
+
+
+def _pair_tile(pair: Pair, thumb: int) -> Image.Image:
+    """The synthetic image beside the real one, each fit into a `thumb` square."""
+    tile = Image.new("RGB", (2 * thumb + PAD, thumb), BACKGROUND)
+    for n, image in enumerate((pair.synthetic, pair.real)):
+        half = load_image(image, "a contact-sheet image").convert("RGB")
+        tile.paste(ImageOps.contain(half, (thumb, thumb)), (n * (thumb + PAD), 0))
+    return tile

@@ -84,6 +84,7 @@ class PairFidelity:
     ):
         self.sources_of = sources_of
         self.lpips = lpips if lpips is not None and lpips.metric is not None else None
+        self.lpips_reason = "not requested" if lpips is None else lpips.reason
         self.psnr = np.full(len(sources_of), np.nan)
         self.ssim = np.full(len(sources_of), np.nan)
         self.lpips_values = np.full(len(sources_of), np.nan)
@@ -99,3 +100,15 @@ class PairFidelity:
         self.psnr[linked], self.ssim[linked] = psnr_ssim(pairs)
         if self.lpips is not None:
             self.lpips_values[linked] = self.lpips.score(pairs)
+
+
+@dataclass(frozen=True)
+class Embedded:
+    """Both sides of an audit after one pass through the embedder; `*_unit` L2-normalised."""
+
+    real: Streamed  # the sources, with predictions on the linked ones
+    fake: Streamed  # the synthetic images, with predictions on the image-to-image ones
+    pair_scores: PairFidelity  # each image-to-image output against its source
+    source_unit: torch.Tensor
+    synth_unit: torch.Tensor
+    holdout_unit: torch.Tensor | None  # only when text-to-image rows are checked against one

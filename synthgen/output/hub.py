@@ -19,7 +19,7 @@ from huggingface_hub.utils import _http as hf_http
 from huggingface_hub.utils import filter_repo_objects, validate_repo_id
 
 from synthgen.errors import OutputError
-from synthgen.output.outdir import MANIFEST, OutDir
+from synthgen.output.outdir import MANIFEST, SHARD_NAME, OutDir
 from synthgen.output.records import Manifest
 
 # Files at the top of OUT that every push sends; they must exist.
@@ -27,16 +27,21 @@ REQUIRED_FILES = ("README.md", "recipe.yaml", "manifest.json")
 
 # Everything else that may be sent: `folder/name` must match the folder's pattern. Split names are
 # `[a-z][a-z0-9_]*` (recipe.py) and shard numbers at least six digits, so `x.parquet.tmp`,
-# `x.partial` or a stray `notes.txt` never match.
-_SHARD = r"[a-z][a-z0-9_]*(-s\d{4})?-\d{6,}"
+# `x.partial` or a stray `notes.txt` never match. Previews are the contact sheet and the label
+# plots finalize draws (label names are identifiers), nothing else a user or an audit put there.
 ALLOWED_IN_FOLDER = {
-    "webdataset": re.compile(rf"({_SHARD}\.tar|[a-z][a-z0-9_]*\.wids\.json)"),
-    "parquet": re.compile(rf"{_SHARD}\.parquet"),
-    "previews": re.compile(r"[^/]+\.(png|jpg|jpeg|webp)"),
+    "webdataset": re.compile(rf"({SHARD_NAME}\.tar|[a-z][a-z0-9_]*\.wids\.json)"),
+    "parquet": re.compile(rf"{SHARD_NAME}\.parquet"),
+    "previews": re.compile(r"preview\.png|labels-[A-Za-z_][A-Za-z0-9_]*\.png"),
 }
 
-# Passed to upload_folder as well, so that even a mistake in the allow-list cannot send these.
-NEVER_UPLOADED = (".synthgen/*", "*.tmp*", "*.partial", "*/.synthgen/*")
+# Passed to upload_folder as well, so that even a mistake in the allow-list cannot send these:
+# bookkeeping, partial files, and the audit's contact sheets, which show real source images.
+AUDIT_IMAGES = ("pairs.png", "memorisation.png")
+NEVER_UPLOADED = (
+    ".synthgen/*", "*.tmp*", "*.partial", "*/.synthgen/*",
+    *AUDIT_IMAGES, *(f"*/{name}" for name in AUDIT_IMAGES),
+)  # fmt: skip
 
 # Seconds any one connect, read or write may stall: huggingface_hub's client waits forever by
 # default, so a dead network would hang a push with no word. A slow upload is not a stall.

@@ -1,15 +1,19 @@
 """The output directory, local or remote (any fsspec URL: s3://, gs://, file://).
 
 Knows every name of the layout, where each record lives and which shards are committed; knows
-nothing about images or models. Every write is atomic (a temporary sibling, then a rename).
+nothing about images or models. Every write is atomic (a temporary sibling, then a rename), and a
+write that fails leaves no temporary behind and is one `OutputError` naming the file.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import posixpath
 import re
 import uuid
+from collections.abc import Callable
+from pathlib import Path
 from typing import IO
 
 import fsspec
@@ -29,9 +33,10 @@ RUN_RECORD = f"{STATE}/run.json"  # recipe sha256, the shard list, skipped cohor
 MODEL_RECORD = f"{STATE}/model.json"
 AUDIT_SECTION = f"{STATE}/audit.md"  # the card's audit table, written by `audit --append-to-card`
 LOGS = f"{STATE}/logs"
+LEASES = f"{STATE}/leases"  # one file per process writing into OUT (synthgen.output.lock)
 WIDS_INDEX = WEBDATASET + "/{split}.wids.json"
-# Top-level names synthgen writes; anything else in OUT is the user's.
-OWN_PATHS = (CARD, RECIPE, MANIFEST, WEBDATASET, PARQUET, PREVIEWS, STATE)
+# A shard's name (plan.py): split, the strength tag of an i2i sweep, at least six digits.
+SHARD_NAME = r"[a-z][a-z0-9_]*(-s\d{4})?-\d{6,}"
 # The one temporary-name rule: NAME.tmp-<12 hex digits>, nothing looser.
 _TEMPORARY = re.compile(r"\.tmp-[0-9a-f]{12}$")
 
@@ -49,16 +54,30 @@ def final_name(name: str) -> str:
     return _TEMPORARY.sub("", name)
 
 
+def shard_files(name: str) -> tuple[str, str]:
+    """The tar and the Parquet file a shard of this name is written to."""
+    return f"{WEBDATASET}/{name}.tar", f"{PARQUET}/{name}.parquet"
+
+
+def reason(error: OSError) -> str:
+    """What went wrong, in the system's words (`No space left on device`), without the path."""
+    return error.strerror or str(error) or error.__class__.__name__
+
+
 class OutDir:
     def __init__(self, url: str):
         self.url = str(url)
         self.fs, self.root = fsspec.core.url_to_fs(self.url)
-        self.is_local = "file" in (
-            self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,)
-        )
+        protocols = self.fs.protocol
+        self.protocols = protocols if isinstance(protocols, tuple) else (protocols,)
+        self.is_local = "file" in self.protocols
 
     def path(self, relative: str) -> str:
         return posixpath.join(self.root, relative)
+
+    def holds(self, path: str | Path) -> bool:
+        """Whether a local path is inside OUT, symbolic links followed (never for a remote OUT)."""
+        return self.is_local and Path(path).resolve().is_relative_to(Path(self.root).resolve())
 
     def exists(self, relative: str = "") -> bool:
         return self.fs.exists(self.path(relative) if relative else self.root)
@@ -70,11 +89,31 @@ class OutDir:
         return self.read_bytes(relative).decode("utf-8")
 
     def write_atomic(self, relative: str, data: bytes) -> None:
-        """Write under a temporary name, then rename, so a reader never sees half a file."""
-        temporary, handle = self.open_temporary(relative)
-        with handle:
-            handle.write(data)
-        self.rename(temporary, relative)
+        """Write under a temporary name, then rename, so a reader never sees half a file.
+
+        A write that fails (disk full, file-size limit, read-only, a folder in the way) removes
+        its temporary and is one OutputError naming the file: nothing half-written stays.
+        """
+        temporary = None
+        try:
+            temporary, handle = self.open_temporary(relative)
+            with handle:
+                handle.write(data)
+            self.rename(temporary, relative)
+        except OSError as error:
+            if temporary is not None:
+                self._discard(temporary)
+            raise OutputError(
+                f"cannot write {relative} ({reason(error)}); fix that and run the same command "
+                "again",
+                file=self.url,
+            ) from None
+
+    def _discard(self, temporary: str) -> None:
+        try:
+            self.remove(temporary)
+        except OSError:
+            pass  # the error that brought us here is the one to report
 
     def open_temporary(self, relative: str) -> tuple[str, IO[bytes]]:
         """Open a new temporary sibling of `relative` for writing, bit by bit; returns its
@@ -94,8 +133,9 @@ class OutDir:
             self.fs.mv(self.path(source), self.path(target))
 
     def remove(self, relative: str) -> None:
-        if self.fs.exists(self.path(relative)):
-            self.fs.rm(self.path(relative), recursive=True)
+        """Delete one file (never a folder and what is in it); absent is fine."""
+        if self.fs.isfile(self.path(relative)):
+            self.fs.rm_file(self.path(relative))
 
     def listdir(self, relative: str) -> list[str]:
         """Names (not paths) of the files directly under `relative`; empty if it is absent.
@@ -156,9 +196,20 @@ class OutDir:
     def model_record(self) -> ModelRecord | None:
         return self._load(ModelRecord, MODEL_RECORD) if self.exists(MODEL_RECORD) else None
 
+    def commit_record(self, shard_name: str) -> ShardRecord:
+        return self._load(ShardRecord, self.commit_path(shard_name))
+
     def _load(self, record: type, relative: str):
         try:
-            return record.from_json(self.read_bytes(relative), relative)
+            data = self.read_bytes(relative)
+        except OSError as error:  # a folder in its place, no permission, a failing disk
+            raise OutputError(
+                f"{relative} cannot be read ({reason(error)}); repair or remove it, then run "
+                "the same command again",
+                file=self.url,
+            ) from None
+        try:
+            return record.from_json(data, relative)
         except OutputError as error:
             raise OutputError(error.message, file=self.url) from None
 
@@ -174,22 +225,90 @@ class OutDir:
         }
 
     def committed_records(self) -> dict[str, ShardRecord]:
-        return {
-            name: self._load(ShardRecord, self.commit_path(name))
-            for name in sorted(self.committed_names())
-        }
+        return {name: self.commit_record(name) for name in sorted(self.committed_names())}
 
     def commit(self, record: ShardRecord) -> None:
         """Write a shard's commit record: the last step, after its files are in place."""
         self.write_atomic(self.commit_path(record.name), record.to_json())
 
-    def remove_temporaries(self, folders: tuple[str, ...] | None = None) -> int:
-        """Delete what killed workers left behind (in `folders` only, if given); returns how
-        many files went."""
+    def remove_temporaries(
+        self, is_own: Callable[[str], bool], folders: tuple[str, ...] | None = None
+    ) -> int:
+        """Delete what killed writers left behind (in `folders` only, if given): temporaries of
+        files synthgen writes (`is_own` of their final name), never a user's `x.tmp-…`. Lease
+        files are left to the lease. Returns how many files went."""
         leftovers = [
             p for p in self.all_files()
-            if is_temporary(p) and (folders is None or p.startswith(folders))
+            if is_temporary(p) and is_own(final_name(p)) and not p.startswith(f"{LEASES}/")
+            and (folders is None or p.startswith(folders))
         ]  # fmt: skip
         for relative in leftovers:
             self.remove(relative)
         return len(leftovers)
+
+
+def writable_out(url: str, create: bool = True) -> OutDir:
+    """OUT for a command that writes into it, refused with one line where the data would not land
+    where it was asked to: an empty path (the current folder), memory:// (gone when synthgen
+    exits), an unknown protocol, or a place that cannot hold the folder. `create`: make the
+    folder if it is missing (else that is refused too)."""
+    if not url.strip():
+        raise OutputError("is empty; give the output folder or URL", where="--out")
+    try:
+        out = OutDir(url)
+    except ValueError as error:  # fsspec: "Protocol not known: xyz"
+        raise OutputError(
+            f"{error}; use a folder or an fsspec URL (s3://, gs://, file://)", file=url
+        ) from None
+    except ImportError as error:  # a known protocol whose package is missing: it says which
+        raise OutputError(str(error), file=url) from None
+    if "memory" in out.protocols:
+        raise OutputError(
+            "memory:// lasts only as long as this process: the dataset would be gone when "
+            "synthgen exits; write to a folder or a lasting URL",
+            file=url,
+        )
+    if out.is_local:
+        _make_local_folder(Path(out.root), url, create)
+    else:
+        _reach_store(out)
+    return out
+
+
+def _make_local_folder(folder: Path, url: str, create: bool) -> None:
+    if folder.is_symlink() and not folder.exists():
+        raise OutputError(
+            "is a symbolic link to a place that does not exist; create its target or remove the "
+            "link",
+            file=url,
+        )
+    if folder.exists() and not folder.is_dir():
+        raise OutputError("is a file, not a folder; choose a folder", file=url)
+    if not create and not folder.is_dir():
+        raise OutputError("does not exist", file=url)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        cause = reason(error)
+        if error.errno in (errno.ENOTDIR, errno.EEXIST):
+            cause = "a folder above it is a file"
+        raise OutputError(f"cannot create it ({cause}); choose another place", file=url) from None
+    if not os.access(folder, os.W_OK):  # also false for root on a read-only file system
+        raise OutputError(
+            "cannot be written to (a read-only file system, or no permission); choose another "
+            "place",
+            file=url,
+        )
+
+
+def _reach_store(out: OutDir) -> None:
+    try:
+        out.fs.exists(out.root)
+    except Exception as error:  # noqa: BLE001 - any backend's failure to reach its store
+        # (no credentials, no network, a refused address) is the user's to fix, not a traceback
+        first = str(error).splitlines()[0] if str(error) else ""
+        raise OutputError(
+            f"cannot reach it ({error.__class__.__name__}: {first}); check the credentials "
+            "and the address",
+            file=out.url,
+        ) from None

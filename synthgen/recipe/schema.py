@@ -295,12 +295,14 @@ class Recipe(Strict):
         return hashlib.sha256(canonical.encode()).hexdigest()
 
     def corpus_sha256(self) -> str:
-        """What the corpus is whatever its size: the shareable recipe without `num_samples` or
-        the balance's `per_cell`. Raising those extends a corpus; any other change starts a new
-        one."""
+        """What the corpus is whatever its size: the shareable recipe without `num_samples`, the
+        balance's `per_cell` or an i2i sweep's strengths and repeats. Raising those extends a
+        corpus; any other change starts a new one."""
         dump = self.shareable().model_dump(mode="json", exclude_none=True)
         dump.pop("num_samples", None)
         dump.get("balance", {}).pop("per_cell", None)
+        for grows in ("strength", "repeats"):  # an i2i sweep grows by strengths and repeats
+            dump["generation"].pop(grows, None)
         canonical = json.dumps(dump, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()
 

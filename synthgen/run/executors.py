@@ -354,8 +354,10 @@ class RayActors:
         if self.address:
             ray.init(address=self.address, log_to_driver=False)
         else:
+            # "local": a new cluster of this process's own, never one another session left
+            # running on the machine (ray.init would join it, and refuse num_cpus).
             cpus = self.cpu_actors or os.cpu_count()
-            ray.init(num_cpus=cpus, log_to_driver=False, include_dashboard=False)
+            ray.init(address="local", num_cpus=cpus, log_to_driver=False, include_dashboard=False)
 
     def _actor_count(self, ray) -> int:
         gpus = int(ray.cluster_resources().get("GPU", 0))

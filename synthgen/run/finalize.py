@@ -1,9 +1,11 @@
 """Finalize: once every shard is committed, write the previews, the card, the wids indexes and,
 last of all, `manifest.json` — the file that says OUT is complete.
 
-Idempotent and driven only by what is in OUT (the recipe as run, the run, commit and model
-records), so `synthgen finalize OUT` can redo it at any time, from any process. No image byte is
-read but those the contact sheet shows.
+The manifest is removed before anything else is written, so from the first write to the last OUT
+does not say it is complete: a kill at any instant leaves an OUT the next run finalizes again (two
+ranks finalizing at once write the same bytes). Idempotent and driven only by what is in OUT (the
+recipe as run, the run, commit and model records), so `synthgen finalize OUT` can redo it at any
+time. No image byte is read but those the contact sheet shows.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 from synthgen.errors import OutputError
 from synthgen.output.card import SHEET, CardInputs, render_card
 from synthgen.output.label_summary import labels_markdown
+from synthgen.output.lock import hold
 from synthgen.output.manifest import (
     build_manifest,
     committed_in_order,
@@ -27,6 +30,7 @@ from synthgen.output.outdir import (
     PREVIEWS,
     WEBDATASET,
     OutDir,
+    writable_out,
 )
 from synthgen.output.read import ShardReader
 from synthgen.output.records import Manifest, ShardEntry
@@ -35,10 +39,12 @@ from synthgen.preview.plots import label_plots
 from synthgen.preview.sheet import contact_sheet, png_bytes, sample_committed
 from synthgen.recipe.label_stats import LabelStats
 from synthgen.recipe.schema import Recipe
+from synthgen.run.ownership import own_paths, recorded_ownership
 
 
-def finalize(out: OutDir) -> Manifest:
-    """Write everything derived from the committed shards; returns the manifest."""
+def finalize(out: OutDir, audit_section: str | None = None) -> Manifest:
+    """Write everything derived from the committed shards (with `audit_section`, the audit's
+    card section first); returns the manifest."""
     recipe = out.recipe()
     run = out.run_record()
     if run is None:
@@ -47,8 +53,12 @@ def finalize(out: OutDir) -> Manifest:
         shards = committed_in_order(run.tasks, out.committed_records())
     except OutputError as error:
         raise OutputError(error.message, file=out.url) from None
+    out.remove(MANIFEST)  # from here until the last write, OUT says it is not complete
+    if audit_section is not None:
+        out.write_atomic(AUDIT_SECTION, audit_section.encode())
     # Shard leftovers only: another rank may be finalizing too, with its own README tmp file.
-    out.remove_temporaries((f"{WEBDATASET}/", f"{PARQUET}/", f"{COMMITS}/"))
+    own = own_paths(recipe, [t.name for t in run.tasks], [t.split for t in run.tasks])
+    out.remove_temporaries(own.__contains__, (f"{WEBDATASET}/", f"{PARQUET}/", f"{COMMITS}/"))
     reader = ShardReader(out, label_encodings(recipe))
     stats = merged_label_stats(recipe, shards, reader)
     manifest = build_manifest(recipe, run, shards, out.model_record())
@@ -61,6 +71,16 @@ def finalize(out: OutDir) -> Manifest:
         write_wids_index(out, manifest)
     out.write_atomic(MANIFEST, manifest.to_json())  # last: it is what says OUT is complete
     return manifest
+
+
+def finalize_alone(url: str, audit_section: str | None = None) -> Manifest:
+    """`synthgen finalize` (and the audit's card section): under the lease, so it is refused
+    while a run writes into OUT, and then alone in OUT, so every leftover of synthgen's goes."""
+    out = writable_out(url, create=False)
+    out.recipe()  # not an output directory: refused before the lease writes into it
+    with hold(out):
+        out.remove_temporaries(recorded_ownership(out, out.all_files()).__contains__)
+        return finalize(out, audit_section)
 
 
 def write_previews(

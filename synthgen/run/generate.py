@@ -1,4 +1,5 @@
-"""A run of a recipe into OUT: claim the directory, find what is already committed, render the rest.
+"""A run of a recipe into OUT: take the lease, claim the directory, find which shards are committed
+and intact, render the rest, finalize.
 
 Resume, multi-GPU, ranks and Ray are all "run the shards not yet committed": this module finds
 those shards; an executor decides where they run; finalize runs once all are committed.
@@ -13,16 +14,18 @@ from dataclasses import dataclass
 
 from tqdm import tqdm
 
-from synthgen.errors import OutputError
-from synthgen.output.outdir import MANIFEST, OWN_PATHS, RECIPE, RUN_RECORD, OutDir, final_name
-from synthgen.output.records import RunRecord, ShardRecord
-from synthgen.plan import PLAN_VERSION, Plan, ShardTask
+from synthgen.errors import OutputError, SynthgenError
+from synthgen.output.lock import Lease, hold
+from synthgen.output.outdir import MANIFEST, OutDir, writable_out
+from synthgen.output.records import ShardRecord
+from synthgen.plan import Plan, ShardTask
 from synthgen.recipe.schema import Recipe
+from synthgen.run.claim import DamagedRecord, check_fresh, claim_output, read_run_record
 from synthgen.run.executors import make_executor, rank_share
 from synthgen.run.finalize import finalize
 from synthgen.run.launch import Execution
-from synthgen.run.linkage import write_linkage
-from synthgen.run.planning import plan_for_out
+from synthgen.run.ownership import finalize_paths, own_paths
+from synthgen.run.planning import build_plan, plan_for_out
 from synthgen.run.worker import WorkerFactory
 
 
@@ -30,53 +33,7 @@ from synthgen.run.worker import WorkerFactory
 class RunState:
     done: list[ShardTask]
     todo: list[ShardTask]
-    complete: bool  # every shard committed and the manifest written
-
-
-def claim_output(out: OutDir, recipe: Recipe, plan: Plan, overwrite: bool = False) -> None:
-    """OUT must be empty, or hold a run of this very recipe (which then resumes), or a smaller
-    run of the same corpus (which then grows: its shards stay, the new ones are planned after)."""
-    record = out.run_record()
-    if record is not None and record.recipe_sha256 == recipe.sha256():
-        return
-    if record is not None and not overwrite and _grows(record, recipe, plan):
-        out.remove(MANIFEST)  # no longer complete: finalize writes it again for the whole corpus
-        _write_run(out, recipe, plan)
-        return
-    if record is not None and not overwrite:
-        raise OutputError(
-            "holds a run of a different recipe; pass --overwrite to replace it, "
-            "or choose another output directory",
-            file=out.url,
-        )
-    # a kill during an earlier claim can leave recipe.yaml.tmp-*: ours too
-    foreign = [p for p in out.all_files() if final_name(p.split("/")[0]) not in OWN_PATHS]
-    if foreign:
-        raise OutputError(
-            f"is not empty and holds files synthgen did not write (e.g. {foreign[0]}); "
-            "choose an empty or new directory",
-            file=out.url,
-        )
-    if overwrite:
-        for relative in OWN_PATHS:
-            out.remove(relative)
-    # Nothing else is removed: ranks started together all claim OUT at once, with the same bytes.
-    if recipe.privacy is not None:
-        write_linkage(plan, recipe.privacy.linkage, out)
-    _write_run(out, recipe, plan)
-
-
-def _grows(record: RunRecord, recipe: Recipe, plan: Plan) -> bool:
-    """True when `plan` is `record`'s corpus grown: every recorded shard is planned as it was."""
-    same = record.corpus_sha256 == recipe.corpus_sha256() and record.plan_version == PLAN_VERSION
-    return same and plan.tasks[: len(record.tasks)] == record.tasks
-
-
-def _write_run(out: OutDir, recipe: Recipe, plan: Plan) -> None:
-    out.write_atomic(RECIPE, recipe.shareable().to_yaml().encode())
-    skipped = plan.cohort.skipped if plan.cohort is not None else []
-    record = RunRecord(recipe.sha256(), plan.tasks, skipped, recipe.corpus_sha256())
-    out.write_atomic(RUN_RECORD, record.to_json())
+    complete: bool  # every shard committed and intact, and everything finalize writes in place
 
 
 def _hashes_match(out: OutDir, record: ShardRecord) -> bool:
@@ -86,36 +43,55 @@ def _hashes_match(out: OutDir, record: ShardRecord) -> bool:
     return True
 
 
-def run_state(out: OutDir, tasks: list[ShardTask], verify: bool = False) -> RunState:
-    """Split the plan into committed and to-do shards; a damaged shard is to do again.
+def _intact(out: OutDir, task: ShardTask, on_disk: dict[str, int], verify: bool) -> bool:
+    """Whether a shard is committed and its files are as its commit record says; a commit record
+    that cannot be read, or whose files are lost, cut short or (`verify`) altered, is removed."""
+    if out.commit_path(task.name) not in on_disk:
+        return False
+    try:
+        record = out.commit_record(task.name)
+    except OutputError:
+        intact = False
+    else:
+        if verify or not record.sizes:  # records from before sizes were kept: hash
+            intact = _hashes_match(out, record)
+        else:
+            intact = all(on_disk.get(path) == size for path, size in record.sizes.items())
+    if not intact:
+        out.remove(out.commit_path(task.name))
+    return intact
+
+
+def _finalized(out: OutDir, recipe: Recipe, tasks: list[ShardTask], on_disk: dict) -> bool:
+    """Whether finalize's files are all there and the manifest lists this run's shards."""
+    if not all(path in on_disk for path in finalize_paths(recipe, [t.split for t in tasks])):
+        return False
+    try:
+        manifest = out.manifest()
+    except SynthgenError:  # damaged: finalize writes it again
+        return False
+    return manifest.complete and [s.name for s in manifest.shards] == [t.name for t in tasks]
+
+
+def run_state(
+    out: OutDir, recipe: Recipe, tasks: list[ShardTask], verify: bool = False
+) -> RunState:
+    """Split the plan into intact and to-do shards; a damaged shard is to do again, also in an
+    OUT that was complete.
 
     A shard's files were complete when its commit record was written (they are renamed into
     place first), so what can go wrong later is a file lost or cut short: checking names and
     sizes from one listing catches that without reading terabytes. `verify` re-hashes every
     file, for damage that keeps the size.
     """
-    records = out.committed_records()
-    if out.exists(MANIFEST) and all(t.name in records for t in tasks):
-        return RunState(done=list(tasks), todo=[], complete=True)
     on_disk = out.file_sizes()
     done, todo = [], []
     for task in tasks:
-        record = records.get(task.name)
-        if record is None:
-            intact = False
-        elif verify or not record.sizes:  # records from before sizes were kept: hash
-            intact = _hashes_match(out, record)
-        else:
-            intact = all(on_disk.get(path) == size for path, size in record.sizes.items())
-        if intact:
-            done.append(task)
-        else:
-            if record is not None:
-                out.remove(out.commit_path(task.name))
-            todo.append(task)
+        (done if _intact(out, task, on_disk, verify) else todo).append(task)
     if todo:
         out.remove(MANIFEST)  # a damaged shard: the dataset is not complete any more
-    return RunState(done=done, todo=todo, complete=False)
+    complete = not todo and _finalized(out, recipe, tasks, on_disk)
+    return RunState(done=done, todo=todo, complete=complete)
 
 
 @dataclass(frozen=True)
@@ -137,6 +113,25 @@ def progress_bar(total: int, initial: int = 0) -> tqdm:
     )  # fmt: skip
 
 
+def check_rank(execution: Execution) -> None:
+    """A rank outside the world would render nothing and exit 0: refused."""
+    if execution.ranked and not 0 <= execution.rank < (execution.world_size or 0):
+        raise SynthgenError(
+            f"this process is rank {execution.rank} of a world of {execution.world_size}, so no "
+            "shard is its; check RANK and WORLD_SIZE (or SLURM_ARRAY_TASK_ID, _MIN and _COUNT)",
+            where="RANK",
+        )
+
+
+def launch_id(execution: Execution, recipe: Recipe) -> str | None:
+    """Ranks share OUT when they run the same recipe in a world of the same size (their shares
+    are then disjoint, whoever launched them: torchrun, a SLURM array, jobs given --rank by
+    hand); any other process is a second run. None: this process alone."""
+    if not execution.ranked:
+        return None
+    return f"ranks-{execution.world_size}-{recipe.sha256()[:16]}"
+
+
 def generate(
     recipe: Recipe,
     out_url: str,
@@ -147,20 +142,44 @@ def generate(
 ) -> RunResult:
     """Render every shard of `recipe` not yet committed in OUT; finalize once all are.
 
-    `verify` re-hashes the committed shards before resuming (else names and sizes are checked);
-    `execution` says where the shards run (default: in this process, on the CPU).
+    `verify` re-hashes the committed shards (else names and sizes are checked), also of a
+    complete OUT; `execution` says where the shards run (default: in this process, on the CPU).
+    While it runs, OUT is leased to this run (or the ranks of its launch): another is refused.
     """
     execution = execution or Execution()
-    out = OutDir(out_url)
-    plan = plan_for_out(out, recipe, fresh=overwrite)
-    claim_output(out, recipe, plan, overwrite=overwrite)
+    check_rank(execution)
+    out = writable_out(out_url)
+    record = read_run_record(out)
+    if record is None:  # read-only, before the lease writes anything into a folder not ours
+        check_fresh(out, out.all_files())
+    with hold(out, launch_id(execution, recipe)) as lease:
+        if isinstance(record, DamagedRecord) and overwrite:
+            plan = build_plan(recipe, check_images=True)  # nothing of the old run can be used
+        else:
+            plan = plan_for_out(out, recipe, fresh=overwrite)
+        return _run(out, recipe, plan, execution, lease, overwrite=overwrite, verify=verify)
+
+
+def _run(
+    out: OutDir,
+    recipe: Recipe,
+    plan: Plan,
+    execution: Execution,
+    lease: Lease,
+    *,
+    overwrite: bool,
+    verify: bool,
+) -> RunResult:
+    follower = execution.ranked and execution.rank != 0
+    claim_output(out, recipe, plan, overwrite=overwrite, follower=follower)
     tasks = plan.tasks
     skipped = len(plan.cohort.skipped) if plan.cohort is not None else 0
-    state = run_state(out, tasks, verify=verify)
+    if not execution.ranked:  # ranks leave them: another rank may be writing one right now
+        own = own_paths(recipe, [t.name for t in tasks], [t.split for t in tasks])
+        out.remove_temporaries(own.__contains__)
+    state = run_state(out, recipe, tasks, verify=verify)
     if state.complete:
         return RunResult(plan.total, 0, 0.0, True, len(tasks), skipped, True, {})
-    if not execution.ranked:
-        out.remove_temporaries()  # ranks leave them: another rank may be writing one right now
     mine = rank_share(tasks, execution.rank, execution.world_size) if execution.ranked else tasks
     todo = [task for task in mine if task in state.todo]
     started = time.perf_counter()
@@ -171,6 +190,7 @@ def generate(
     rendered = sum(t.size for t in todo if t.name in outcome.committed)
     committed = out.committed_names()  # other ranks may have committed shards this one did not
     finalized = all(task.name in committed for task in tasks)
+    lease.check()
     if finalized:
         finalize(out)
     return RunResult(

@@ -46,14 +46,17 @@ def plan_for_out(out: OutDir, recipe: Recipe, *, fresh: bool = False) -> Plan:
             "pass --overwrite",
             file=out.url,
         )
+    same_corpus = record.corpus_sha256 == recipe.corpus_sha256()
+    previous = record if same_corpus else None
     if recipe.generation.mode == "t2i":
-        same_corpus = record.corpus_sha256 == recipe.corpus_sha256()
-        return build_plan(recipe, previous=record if same_corpus else None)
-    if record.recipe_sha256 == recipe.sha256():
+        return build_plan(recipe, previous=previous)
+    if same_corpus:
         dropped = {entry.row for entry in record.skipped}
         cohort = load_cohort(recipe.source, recipe.labels, check_images=False)
         rows = [row for row in cohort.rows if row.row not in dropped]
-        plan = Plan(recipe, cohort=Cohort(rows, record.skipped))
-        if plan.tasks == record.tasks:
+        plan = Plan(
+            recipe, Cohort(rows, record.skipped), previous=record.tasks, blocks=record.blocks
+        )
+        if plan.tasks[: len(record.tasks)] == record.tasks:
             return plan
     return build_plan(recipe, check_images=True)
