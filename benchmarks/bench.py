@@ -25,6 +25,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 import torch  # noqa: E402
 from contenders import compare_images, seed_loop, synthgen_path  # noqa: E402
 from fixtures import Settings, bench_recipe, seed_pipelines  # noqa: E402
+from gate_cost import gate_case  # noqa: E402
 from png_speed import png_cases  # noqa: E402
 from report import environment, markdown  # noqa: E402
 from timing import matmul_peak, unet_flops  # noqa: E402
@@ -75,7 +76,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "32-64-wide attention as 64 is of SD-1.4's 320-1280)",
     )
     parser.add_argument("--threads", type=int, help="torch CPU threads (cpu default 1)")
-    parser.add_argument("--cases", default="t2i,i2i,png", help="comma-separated: t2i,i2i,png")
+    parser.add_argument(
+        "--cases", default="t2i,i2i,gate,png", help="comma-separated: t2i,i2i,gate,png"
+    )
+    parser.add_argument(
+        "--gate-size", type=int, default=224, help="gate case: the check network's input side"
+    )
     parser.add_argument(
         "--check",
         action="store_true",
@@ -157,9 +163,12 @@ def main(argv: list[str] | None = None) -> int:
     env = environment(args.device)
     print(json.dumps({"environment": env}), file=sys.stderr)
     cases = [case.strip() for case in args.cases.split(",") if case.strip()]
-    unknown = sorted(set(cases) - {"t2i", "i2i", "png"})
+    unknown = sorted(set(cases) - {"t2i", "i2i", "gate", "png"})
     if unknown:
-        print(f"--cases: unknown case {unknown[0]!r}; choose from t2i, i2i, png", file=sys.stderr)
+        print(
+            f"--cases: unknown case {unknown[0]!r}; choose from t2i, i2i, gate, png",
+            file=sys.stderr,
+        )
         return 2
     results = []
 
@@ -174,6 +183,8 @@ def main(argv: list[str] | None = None) -> int:
             seed_pipes, lora = seed_pipelines(settings, Path(tmp))
             for mode in modes:
                 emit(model_case(mode, settings, seed_pipes, lora, peak, Path(tmp)))
+    if "gate" in cases:
+        emit(gate_case(settings, args.gate_size))
     if "png" in cases:
         png = args.png_settings.split(",")
         for result in png_cases(args.png_size, png, args.png_seconds, args.png_target):

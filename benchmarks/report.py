@@ -152,6 +152,22 @@ def markdown(env: dict, results: list[dict]) -> str:
                     f"| {c['mean_abs_pixel_diff']} | {c['identical_images']} "
                     f"| {c['pixels_off_by_more_than_1']} |"
                 )
+    gates = [r for r in results if r["case"] == "gate"]
+    if gates:
+        lines += [
+            "",
+            "Quality gate (a ResNet-18-shaped check judging every batch before it is encoded):",
+            "",
+            "| check input | images rendered | acceptance | render s/img | gate s/img "
+            "| gate / render | s on rejected images |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for r in gates:
+            lines.append(
+                f"| {r['input']}² | {r['images_rendered']} | {r['acceptance']} "
+                f"| {r['render_s_per_image']} | {r['gate_s_per_image']} "
+                f"| {r['gate_share_of_render']:.1%} | {r['rejected_s']} |"
+            )
     pngs = [r for r in results if r["case"] == "png"]
     if pngs:
         target = pngs[0]["target_per_core"]

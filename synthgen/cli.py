@@ -70,6 +70,8 @@ def validate(recipe: Path) -> None:
         click.echo(f"lora: {line}")
     for warning in lora_warnings:
         click.echo(f"warning: {warning}", err=True)
+    for line in check_quality_models(loaded):
+        click.echo(f"quality: {line}")
     plan = build_plan(loaded, check_images=True)
     detail = f"{plan.total} samples in {len(plan.tasks)} shards"
     if plan.cohort is not None:
@@ -80,6 +82,20 @@ def validate(recipe: Path) -> None:
             detail += f", {len(plan.cohort.skipped)} rows skipped"
     click.echo(f"ok: {recipe} ({loaded.name}: {detail}; sha256 {loaded.sha256()[:12]})")
     click.echo(f"size: {estimate(loaded, plan.total).describe()}")
+
+
+def check_quality_models(recipe) -> list[str]:
+    """Load every quality check's model once on the CPU, so a model that cannot load or whose
+    outputs do not fit its labels is exit 2 naming the field before anything renders."""
+    if recipe.quality is None:
+        return []
+    from synthgen.render.gate import Gate  # torch: only a recipe with a quality gate needs it
+
+    return [
+        f"{c.check.name}: {c.check.model}: {c.check.width} outputs read for "
+        f"{', '.join(r.label for r in c.check.rules)} (sha256 {c.network.weights_sha256[:12]})"
+        for c in Gate.load(recipe, "cpu").checks
+    ]
 
 
 @main.command()
@@ -146,6 +162,7 @@ def generate(recipe, out, num_samples, devices, workers_per_device, executor, ad
     check_model_reference(loaded.model, file=str(recipe))
     for warning in inspect_lora(loaded.model)[1]:
         click.echo(f"warning: {warning}", err=True)
+    check_quality_models(loaded)
     execution = resolve_execution(
         out, devices, workers_per_device, executor, address, rank, world_size, max_retries
     )
@@ -199,8 +216,14 @@ def finalize(out: str) -> None:
 def info(out: str, plots: Path | None) -> None:
     """Counts, completeness and label summaries of a generated dataset."""
     from synthgen.output.label_summary import labels_markdown
-    from synthgen.output.manifest import label_encodings, merged_cells, merged_label_stats
+    from synthgen.output.manifest import (
+        label_encodings,
+        merged_cells,
+        merged_label_stats,
+        merged_quality,
+    )
     from synthgen.output.outdir import MANIFEST, OutDir
+    from synthgen.output.quality_summary import quality_markdown
     from synthgen.output.read import ShardReader
     from synthgen.preview.plots import label_plots
 
@@ -224,6 +247,10 @@ def info(out: str, plots: Path | None) -> None:
         if plots is not None:
             names = label_plots(recipe, stats, OutDir(str(plots)))
             click.echo(f"wrote {len(names)} label plots to {plots}")
+    quality = merged_quality(done)
+    if quality is not None:
+        click.echo("quality gate:")
+        click.echo(quality_markdown(recipe, quality.tally, quality.seconds))
 
 
 @main.command()
@@ -348,3 +375,30 @@ def audit(out, source, linkage, embedder, predictor, holdout, image_column, id_c
     if append_to_card:
         finalize_alone(out, audit_section=card_section(report))
         click.echo(f"added the audit summary to {out}/README.md")
+
+
+@main.command()
+@click.argument("out")
+@click.option("-o", "--report-dir", required=True, type=click.Path(file_okay=False, path_type=Path))
+@click.option(
+    "--checks",
+    "checks",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="A recipe whose quality section to run instead of OUT's own (same labels).",
+)
+@click.option("--device", default="cpu", show_default=True)
+@user_errors
+def gate(out: str, report_dir: Path, checks: Path | None, device: str) -> None:
+    """Run the quality gate's checks over OUT: per-sample predictions and the acceptance table."""
+    from synthgen.output.outdir import OutDir
+    from synthgen.recipe.schema import load_recipe
+    from synthgen.run.gate_report import gate_dataset
+
+    checks_from = load_recipe(checks) if checks is not None else None
+    report = gate_dataset(OutDir(out), report_dir, checks_from=checks_from,
+                          checks_file=str(checks) if checks else None, device=device)  # fmt: skip
+    tally = report.tally
+    rate = tally.accepted / tally.images if tally.images else float("nan")
+    click.echo(f"judged {report.samples} samples: {tally.accepted} pass every check ({rate:.3f})")
+    click.echo(f"wrote {', '.join(str(path) for path in report.files)}")

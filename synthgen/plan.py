@@ -18,7 +18,7 @@ import hashlib
 import json
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from fractions import Fraction
 
 import numpy as np
@@ -176,14 +176,26 @@ class T2ILayout:
         return rounds * self.period
 
 
-def _rng(seed: int, index: int, stream: int) -> np.random.SeedSequence:
-    return np.random.SeedSequence(seed, spawn_key=(index, stream))
+def _rng(seed: int, index: int, stream: int, draw: int = 0) -> np.random.SeedSequence:
+    # draw 0 keeps the two-part key every sample had before the quality gate existed
+    key = (index, stream) if draw == 0 else (index, stream, draw)
+    return np.random.SeedSequence(seed, spawn_key=key)
+
+
+def _seed63(sequence: np.random.SeedSequence) -> int:
+    high, low = sequence.generate_state(2, np.uint32)
+    return ((int(high) << 32) | int(low)) & (2**63 - 1)
 
 
 def image_seed(seed: int, index: int, stream: int = _IMAGE_STREAM) -> int:
     """63-bit seed for sample `index`'s torch.Generator."""
-    high, low = _rng(seed, index, stream).generate_state(2, np.uint32)
-    return ((int(high) << 32) | int(low)) & (2**63 - 1)
+    return _seed63(_rng(seed, index, stream))
+
+
+def attempt_seed(seed: int, index: int, attempt: int) -> int:
+    """The seed of a quality gate's attempt `attempt` (≥ 1) at sample `index`; attempt 0 is the
+    sample's own seed, so an image the gate accepts at once is the image an ungated run makes."""
+    return _seed63(_rng(seed, index, _IMAGE_STREAM, attempt))
 
 
 def split_counts(total: int, splits: dict[str, float]) -> dict[str, int]:
@@ -213,9 +225,11 @@ def t2i_spec(
     layout: T2ILayout,
     model: LabelModel,
     table: list[dict] | None = None,
+    draw: int = 0,
 ) -> SampleSpec:
-    """Sample `index` of a T2I run; with `table`, its labels are one resampled row of it."""
-    rng = np.random.Generator(np.random.PCG64(_rng(recipe.seed, index, _LABEL_STREAM)))
+    """Sample `index` of a T2I run; with `table`, its labels are one resampled row of it.
+    `draw` > 0: a quality gate's replacement, its labels drawn again (in the same cell)."""
+    rng = np.random.Generator(np.random.PCG64(_rng(recipe.seed, index, _LABEL_STREAM, draw)))
     cell = layout.cell_of(index)
     if table:
         labels = dict(table[int(rng.integers(len(table)))])
@@ -386,6 +400,18 @@ class Plan:
             source_row=sample.row,
             strength=sample.strength,
         )
+
+    def attempt(self, spec: SampleSpec, attempt: int) -> SampleSpec:
+        """What a quality gate renders for `spec` at attempt `attempt`: a new seed, a pure
+        function of (recipe seed, index, attempt); with balance quotas and `on_fail: drop`,
+        each run of max_attempts failures replaces the sample by a new draw of its cell."""
+        if attempt == 0:
+            return spec
+        quality = self.recipe.quality
+        draw = attempt // quality.max_attempts if quality is not None else 0
+        if draw and self.layout is not None and self.layout.cells and quality.on_fail == "drop":
+            spec = t2i_spec(self.recipe, spec.index, self.layout, self.model, self.table, draw)
+        return replace(spec, seed=attempt_seed(self.recipe.seed, spec.index, attempt))
 
     def _check_balanced_splits(self, layout: T2ILayout) -> None:
         """Every split must get at least one whole round of the cell pattern."""

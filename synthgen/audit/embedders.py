@@ -21,10 +21,9 @@ Backbones get ImageNet-normalised RGB at N x N and lose their classifier head wh
 embedders (a predictor keeps it). TorchScript and exported modules get float RGB in [0, 1], shape
 (B, 3, N, N), and do their own normalisation; they must return (B, D).
 
-Weight files are opened by their bytes (synthgen.weight_files, which says why TorchScript is
-acceptable for a model you name as yours and how exported programs are kept from unpickling):
-a state dict must be safetensors, a program TorchScript or an exported program without pickles;
-a `torch.save` pickle is refused under any name. To convert a pickled state dict you trust:
+Networks are loaded by synthgen.render.networks (the quality gate loads its checks there too),
+which opens weight files by their bytes: a state dict must be safetensors, a program TorchScript
+or an exported program without pickles; a `torch.save` pickle is refused under any name. To convert a pickled state dict you trust:
 `safetensors.torch.save_file(torch.load(PATH, weights_only=True), "weights.safetensors")`.
 
 Nothing is ever downloaded. The default embedders are generic: they give a lower bound on
@@ -33,8 +32,8 @@ re-identification risk, since an attacker with a network trained on the cohort c
 
 from __future__ import annotations
 
-import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,13 +42,8 @@ import torch
 from PIL import Image
 
 from synthgen.errors import SynthgenError
-from synthgen.hashing import file_sha256
-from synthgen.weight_files import (
-    RefusedWeightFile,
-    exported_program,
-    program_kind,
-    read_safetensors_header,
-)
+from synthgen.render import networks
+from synthgen.render.networks import NetworkError, load_network
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -140,182 +134,24 @@ def load_embedder(name: str, device: str = "cpu", *, keep_head: bool = False) ->
             raise AuditError(f"embedder {name!r}: pixels:SIZE needs an integer SIZE")
         size = size or (int(side) if side else DEFAULT_PIXELS_SIZE)
         return Embedder(name, "none", size, _standardised_pixels, False, device)
-    size = size or DEFAULT_NETWORK_SIZE
-    if base.startswith("torchvision:"):
-        arch, _, weights = base.removeprefix("torchvision:").partition("@")
-        model, sha = _load_torchvision(name, arch, weights or None, keep_head)
-        return Embedder(name, sha, size, _on_device(model, device), True, device)
-    if base.startswith("timm:"):
-        arch, _, weights = base.removeprefix("timm:").partition("@")
-        model, sha = _load_timm(name, arch, weights or None, keep_head)
-        return Embedder(name, sha, size, _on_device(model, device), True, device)
-    path = Path(base.removeprefix("torchscript:")).expanduser()
-    if path.is_file():
-        return _load_program(name, path, size, device)
-    if base.startswith("torchscript:") or path.suffix or "/" in base:
-        raise AuditError(f"embedder {name!r}: no such file {path}")
-    raise AuditError(
-        f"unknown embedder {name!r}: use pixels, torchvision:ARCH[@WEIGHTS], "
-        "timm:ARCH[@WEIGHTS], or the path of your own TorchScript or exported program"
-    )
-
-
-def _load_program(name: str, path: Path, size: int, device: str) -> Embedder:
-    """A user's own model file, told apart by its bytes: TorchScript or an exported program."""
-    try:
-        kind = program_kind(path)
-    except RefusedWeightFile as refused:
-        if _is_safetensors(path):
-            raise AuditError(
-                f"embedder {name!r}: a safetensors file holds weights only; name its "
-                f"architecture, e.g. torchvision:resnet18@{path} or timm:ARCH@{path}"
-            ) from None
-        raise AuditError(
-            f"embedder {name!r}: {path} is {refused}; give a TorchScript (torch.jit.save) or "
-            "exported (torch.export.save) program, or for a safetensors state dict name its "
-            "architecture: torchvision:ARCH@PATH or timm:ARCH@PATH"
-        ) from None
-    load = _load_torchscript if kind == "torchscript" else _load_exported
-    return Embedder(name, file_sha256(path), size, load(name, path, device), False, device)
-
-
-def _is_safetensors(path: Path) -> bool:
-    try:
-        read_safetensors_header(path)
-    except RefusedWeightFile:
-        return False
-    return True
-
-
-def _existing(name: str, path: Path) -> Path:
-    if not path.is_file():
-        raise AuditError(f"embedder {name!r}: no such file {path}")
-    return path
-
-
-def _on_device(model: torch.nn.Module, device: str) -> torch.nn.Module:
-    return model.eval().to(device)
-
-
-def _load_torchscript(name: str, path: Path, device: str) -> torch.nn.Module:
-    """Its layout was checked by program_kind; its pickles are read by TorchScript's own
-    unpickler, which calls no Python function (synthgen.weight_files says why that is enough)."""
-    try:
-        module = torch.jit.load(str(path), map_location=device)
-    except Exception as exc:
-        raise AuditError(
-            f"embedder {name!r}: {path} does not load as TorchScript ({exc.__class__.__name__}); "
-            "save one with torch.jit.save(torch.jit.script(model), path)"
-        ) from exc
-    return module.eval()
-
-
-def _load_exported(name: str, path: Path, device: str) -> torch.nn.Module:
-    try:
-        archive = exported_program(path)  # checked free of pickles; its sample inputs emptied
-    except RefusedWeightFile as refused:
-        raise AuditError(
-            f"embedder {name!r}: {path} is {refused}; synthgen loads an exported program only "
-            "when torch would unpickle nothing in it"
-        ) from None
-    try:
-        return torch.export.load(archive).module().to(device)
-    except Exception as exc:
-        raise AuditError(
-            f"embedder {name!r}: {path} is not a torch.export program ({exc.__class__.__name__}); "
-            "save one with torch.export.save(torch.export.export(model, (example,), "
-            "dynamic_shapes=...), path)"
-        ) from exc
+    if base.startswith("xrv:"):
+        raise AuditError(f"embedder {name!r}: TorchXRayVision models are for the quality gate")
+    with _as_audit_error():
+        network = load_network(base, device, keep_head=keep_head, noun="embedder")
+    return Embedder(name, network.weights_sha256, size or DEFAULT_NETWORK_SIZE, network.module,
+                    network.expects == "imagenet", device)  # fmt: skip
 
 
 def read_state_dict(name: str, path: Path) -> dict[str, torch.Tensor]:
     """A backbone's state dict, from a file whose bytes are safetensors (never a pickle)."""
-    _existing(name, path)
-    try:
-        read_safetensors_header(path)
-    except RefusedWeightFile as refused:
-        raise AuditError(
-            f"embedder {name!r}: the weights {path} are {refused}; synthgen reads state dicts "
-            "only from safetensors files: convert one you trust with safetensors.torch.save_file"
-            "(torch.load(PATH, weights_only=True), 'weights.safetensors')"
-        ) from None
-    from safetensors.torch import load_file
-
-    try:
-        return load_file(str(path))
-    except Exception as exc:
-        raise AuditError(f"embedder {name!r}: cannot read weights {path}: {exc}") from exc
+    with _as_audit_error():
+        return networks.read_state_dict(f"embedder {name!r}", path)
 
 
-def _load_torchvision(
-    name: str, arch: str, weights: str | None, keep_head: bool
-) -> tuple[torch.nn.Module, str]:
+@contextmanager
+def _as_audit_error() -> Iterator[None]:
+    """The network loader's errors, as the audit's own (the CLI prints them the same way)."""
     try:
-        import torchvision
-    except Exception as exc:
-        raise AuditError(
-            f"embedder {name!r} needs torchvision, which cannot be imported here ({exc}); install "
-            "the torchvision that matches your torch, or export the model with torch.jit.save "
-            "and pass its path"
-        ) from exc
-    try:
-        model = torchvision.models.get_model(arch, weights=None)
-    except Exception as exc:
-        raise AuditError(f"embedder {name!r}: torchvision has no model {arch!r}") from exc
-    if weights:
-        path = Path(weights).expanduser()
-    else:
-        default = torchvision.models.get_model_weights(arch).DEFAULT
-        path = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(default.url)
-        if not path.is_file():
-            raise AuditError(
-                f"embedder {name!r}: weights are not in the torch hub cache ({path}) and nothing "
-                f"is downloaded; fetch them where there is a network, or pass a file: "
-                f"torchvision:{arch}@/path/weights.safetensors"
-            )
-    try:
-        model.load_state_dict(read_state_dict(name, path))
-    except RuntimeError as exc:
-        raise AuditError(f"embedder {name!r}: {path} does not fit {arch}: {exc}") from exc
-    if not keep_head:
-        for head in ("fc", "classifier", "heads", "head"):
-            if hasattr(model, head):
-                setattr(model, head, torch.nn.Identity())
-                break
-    return model, file_sha256(path)
-
-
-def _load_timm(
-    name: str, arch: str, weights: str | None, keep_head: bool
-) -> tuple[torch.nn.Module, str]:
-    try:
-        import timm
-    except Exception as exc:
-        raise AuditError(
-            f"embedder {name!r} needs timm, which cannot be imported here ({exc}); "
-            "pip install timm, or export the model to TorchScript and pass its path"
-        ) from exc
-    try:
-        model = timm.create_model(arch, pretrained=False)
-    except Exception as exc:
-        raise AuditError(f"embedder {name!r}: timm has no model {arch!r}") from exc
-    if weights:
-        path = Path(weights).expanduser()
-    else:
-        from huggingface_hub import try_to_load_from_cache
-
-        hub_id = (getattr(model, "pretrained_cfg", None) or {}).get("hf_hub_id")
-        cached = try_to_load_from_cache(hub_id, "model.safetensors") if hub_id else None
-        if not isinstance(cached, str):
-            raise AuditError(
-                f"embedder {name!r}: weights are not in the Hugging Face cache and nothing is "
-                f"downloaded; pass a file: timm:{arch}@/path/model.safetensors"
-            )
-        path = Path(cached)
-    try:
-        model.load_state_dict(read_state_dict(name, path))
-    except RuntimeError as exc:
-        raise AuditError(f"embedder {name!r}: {path} does not fit {arch}: {exc}") from exc
-    if not keep_head:
-        model.reset_classifier(0)
-    return model, file_sha256(path)
+        yield
+    except NetworkError as error:
+        raise AuditError(error.message) from error.__cause__

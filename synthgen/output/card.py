@@ -14,6 +14,7 @@ import yaml
 
 from synthgen import __version__
 from synthgen.output.outdir import PARQUET, PREVIEWS, WEBDATASET
+from synthgen.output.quality_summary import quality_markdown
 from synthgen.output.records import Manifest
 from synthgen.plan import strength_tag
 from synthgen.recipe.schema import PRESETS, Recipe
@@ -78,6 +79,7 @@ def render_card(card: CardInputs) -> str:
         _generator(recipe, manifest),
         _splits(manifest),
         _labels(card),
+        _quality(recipe, manifest),
         _limitations(recipe, manifest),
         _privacy(card),
         _recipe_and_citation(recipe),
@@ -209,6 +211,28 @@ Asked vs drawn:
 {card.label_table}
 
 {images}
+
+"""
+
+
+def _quality(recipe: Recipe, manifest: Manifest) -> str:
+    """How often each check and each label cell passed (a gated recipe only)."""
+    if manifest.quality is None or recipe.quality is None:
+        return ""
+    checks = "\n".join(
+        f"- `{name}`: `{check.model}` (sha256 `{manifest.quality.tally.weights.get(name, '?')}`) "
+        f"checks {', '.join(check.labels)}"
+        for name, check in recipe.quality.checks.items()
+    )
+    body = quality_markdown(recipe, manifest.quality.tally, manifest.quality.seconds)
+    return f"""## Quality gate
+
+Every image was judged by these checks before it was written; a rejected sample was rendered
+again with a new seed. Per-sample predictions are in the `quality_*` columns and the tar JSON.
+
+{checks}
+
+{body}
 
 """
 

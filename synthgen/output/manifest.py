@@ -12,11 +12,18 @@ from collections.abc import Mapping, Sequence
 from synthgen import __version__
 from synthgen.errors import OutputError
 from synthgen.output.read import ShardReader
-from synthgen.output.records import Manifest, ModelRecord, RunRecord, ShardRecord
+from synthgen.output.records import (
+    Manifest,
+    ModelRecord,
+    QualitySummary,
+    RunRecord,
+    ShardRecord,
+)
 from synthgen.plan import ShardTask
 from synthgen.recipe.joint import LabelModel
 from synthgen.recipe.label_stats import LabelStats
 from synthgen.recipe.labels import LabelEncoding
+from synthgen.recipe.quality_stats import QualityTally
 from synthgen.recipe.schema import Recipe
 
 
@@ -71,7 +78,23 @@ def build_manifest(
         labels=label_encodings(recipe),
         skipped=list(run.skipped),
         shards=[shard.entry() for shard in shards],
+        quality=merged_quality(shards),
     )
+
+
+GATE_SECONDS = ("render", "gate", "rejected")  # what a gated shard's record times
+
+
+def merged_quality(shards: Sequence[ShardRecord]) -> QualitySummary | None:
+    """The quality gate's counts and seconds over `shards` (None when none was gated)."""
+    gated = [shard for shard in shards if shard.quality is not None]
+    if not gated:
+        return None
+    total = QualityTally()
+    for shard in gated:
+        total.merge(shard.quality)  # type: ignore[arg-type]
+    seconds = {name: sum(s.seconds.get(name, 0.0) for s in gated) for name in GATE_SECONDS}
+    return QualitySummary(total, seconds)
 
 
 def merged_label_stats(

@@ -15,6 +15,7 @@ from synthgen.errors import OutputError
 from synthgen.plan import PLAN_VERSION, ShardTask
 from synthgen.recipe.label_stats import LabelStats, stats_from_json
 from synthgen.recipe.labels import LabelEncoding
+from synthgen.recipe.quality_stats import QualityTally
 from synthgen.recipe.schema import ModelConfig
 
 _REPAIR = {
@@ -99,18 +100,22 @@ class ShardEntry:
 class ShardRecord(ShardEntry):
     """The commit record: a shard counts once this exists (written after its files are renamed).
 
-    `labels` holds each label's statistics over the shard, so finalize reads no sample again.
+    `labels` holds each label's statistics over the shard, so finalize reads no sample again;
+    `quality` the quality gate's counts (only under a gate: other records keep their bytes).
     """
 
     seconds: dict[str, float] = field(default_factory=dict)
     labels: dict[str, LabelStats] = field(default_factory=dict)
     cells: dict[str, int] = field(default_factory=dict)  # balance cell -> samples
+    quality: QualityTally | None = None
 
     def to_json(self) -> bytes:
         data = asdict(self.entry())
         data["seconds"] = self.seconds
         data["labels"] = {name: stats.to_json() for name, stats in self.labels.items()}
         data["cells"] = self.cells
+        if self.quality is not None:
+            data["quality"] = self.quality.to_json()
         return json.dumps(data).encode()
 
     @classmethod
@@ -124,8 +129,9 @@ class ShardRecord(ShardEntry):
                 strength=raw.get("strength"), seconds=dict(raw.get("seconds") or {}),
                 labels={k: stats_from_json(v) for k, v in (raw.get("labels") or {}).items()},
                 cells={k: int(v) for k, v in (raw.get("cells") or {}).items()},
+                quality=QualityTally.from_json(raw["quality"]) if "quality" in raw else None,
             )  # fmt: skip
-        except (KeyError, TypeError, ValueError) as error:
+        except (KeyError, TypeError, ValueError, AttributeError) as error:
             raise _damaged(name, "commit", error) from None
 
 
@@ -194,6 +200,22 @@ class ModelRecord:
 
 
 @dataclass(frozen=True)
+class QualitySummary:
+    """The quality gate over the whole dataset: the shards' counts merged, and their seconds
+    (measured: the one part of the manifest that differs between two runs of a recipe)."""
+
+    tally: QualityTally
+    seconds: dict[str, float]  # render, gate, rejected: summed over the shards
+
+    def to_json(self) -> dict[str, Any]:
+        return {**self.tally.to_json(), "seconds": self.seconds}
+
+    @classmethod
+    def from_json(cls, raw: dict[str, Any]) -> QualitySummary:
+        return cls(QualityTally.from_json(raw), {k: float(v) for k, v in raw["seconds"].items()})
+
+
+@dataclass(frozen=True)
 class Manifest:
     """manifest.json: written by finalize once every shard is committed, read by every reader."""
 
@@ -209,6 +231,7 @@ class Manifest:
     skipped: list[SkippedRow]
     shards: list[ShardEntry]
     complete: bool = True
+    quality: QualitySummary | None = None  # under a quality gate only
 
     def to_json(self) -> bytes:
         data = {
@@ -225,6 +248,8 @@ class Manifest:
             "skipped": [asdict(row) for row in self.skipped],
             "shards": [asdict(shard) for shard in self.shards],
         }
+        if self.quality is not None:
+            data["quality"] = self.quality.to_json()
         return json.dumps(data, indent=2).encode()
 
     @classmethod
@@ -241,8 +266,9 @@ class Manifest:
                 skipped=[SkippedRow(int(s["row"]), str(s["reason"])) for s in raw.get("skipped", [])],
                 shards=[_shard_entry(s) for s in raw["shards"]],
                 complete=raw.get("complete") is True,
+                quality=QualitySummary.from_json(raw["quality"]) if "quality" in raw else None,
             )  # fmt: skip
-        except (KeyError, TypeError, ValueError) as error:
+        except (KeyError, TypeError, ValueError, AttributeError) as error:
             raise _damaged(name, "manifest", error) from None
 
     def shard_files(

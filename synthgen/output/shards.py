@@ -29,6 +29,8 @@ from synthgen.output.outdir import PARQUET, WEBDATASET, OutDir
 from synthgen.output.records import ShardRecord
 from synthgen.plan import SampleSpec, ShardTask
 from synthgen.recipe.joint import LabelModel
+from synthgen.recipe.quality import bind_checks, grouping
+from synthgen.recipe.quality_stats import QualityTally, SampleVerdict, column_kinds
 from synthgen.recipe.schema import Recipe
 
 IMAGE_SUFFIX = {"png": "png", "jpg": "jpg", "webp": "webp"}
@@ -37,6 +39,7 @@ TAR_MTIME = 0  # fixed, so two runs of one recipe write byte-identical tars
 ROW_GROUP_SIZE = 100  # preview and audit read a row group at a time, so keep them small
 QUEUE_PER_ENCODER = 4  # samples waiting for the writer thread, per encoder thread
 _END = object()  # put after a shard's last sample: tells the writer thread to finish
+Pending = tuple[SampleSpec, SampleVerdict | None]  # a sample waiting for its encoded image
 
 
 _FEATURE = {
@@ -46,6 +49,8 @@ _FEATURE = {
     "bool": datasets.Value("bool"),
     "string": datasets.Value("string"),
     "list<string>": datasets.List(datasets.Value("string")),
+    "int32": datasets.Value("int32"),
+    "list<float64>": datasets.List(datasets.Value("float64")),
 }
 
 
@@ -69,8 +74,17 @@ def dataset_features(recipe: Recipe) -> datasets.Features:
             "steps": datasets.Value("int32"),
             "guidance_scale": datasets.Value("float64"),
             "strength": datasets.Value("float64"),
+            **quality_features(recipe),
         }
     )
+
+
+def quality_features(recipe: Recipe) -> dict[str, datasets.features.features.FeatureType]:
+    """The quality gate's per-sample columns (none without a `quality` section)."""
+    if recipe.quality is None:
+        return {}
+    kinds = column_kinds(bind_checks(recipe.quality, recipe.labels))
+    return {name: _FEATURE[kind] for name, kind in kinds.items()}
 
 
 def encode_image(image: Image.Image, recipe: Recipe) -> bytes:
@@ -89,10 +103,11 @@ def encode_image(image: Image.Image, recipe: Recipe) -> bytes:
     return buffer.getvalue()
 
 
-def sample_metadata(spec: SampleSpec, recipe: Recipe) -> dict:
-    """Everything about a sample except its pixels: the `.json` member and the Parquet row."""
+def sample_metadata(spec: SampleSpec, recipe: Recipe, verdict: SampleVerdict | None = None) -> dict:
+    """Everything about a sample except its pixels: the `.json` member and the Parquet row
+    (with the quality gate's verdict, when the recipe has one)."""
     g = recipe.generation
-    return {
+    meta = {
         "key": spec.key,
         "split": spec.split,
         "prompt": spec.prompt,
@@ -103,6 +118,9 @@ def sample_metadata(spec: SampleSpec, recipe: Recipe) -> dict:
         "guidance_scale": g.guidance_scale,
         "strength": spec.strength,
     }
+    if verdict is not None:
+        meta["quality"] = verdict.to_json()
+    return meta
 
 
 class HashingFile:
@@ -212,11 +230,11 @@ class ShardStream:
     def __init__(
         self,
         files: ShardFiles,
-        entry: Callable[[SampleSpec, bytes], tuple[dict, dict]],
+        entry: Callable[[Pending, bytes], tuple[dict, dict]],
         depth: int,
     ):
         self.files = files
-        self.entry = entry  # (spec, encoded image) -> (tar member, Parquet row)
+        self.entry = entry  # (sample, encoded image) -> (tar member, Parquet row)
         self.queue: queue.Queue = queue.Queue(maxsize=depth)
         self.cancelled = threading.Event()
         self.error: BaseException | None = None
@@ -225,10 +243,10 @@ class ShardStream:
         self.thread = threading.Thread(target=self._run, name="shard-writer")
         self.thread.start()
 
-    def put(self, spec: SampleSpec, encoded: Future[bytes]) -> None:
+    def put(self, sample: Pending, encoded: Future[bytes]) -> None:
         if self.error is not None:
             raise self.error  # stop rendering now rather than at the end of the shard
-        self.queue.put((spec, encoded))
+        self.queue.put((sample, encoded))
 
     def finish(self) -> dict[str, str]:
         """Wait for the writer to finish the files; returns their sha256 by final path."""
@@ -252,9 +270,9 @@ class ShardStream:
     def _run(self) -> None:
         samples = iter(self.queue.get, _END)  # stops for good once it has taken _END
         try:
-            for spec, encoded in samples:
+            for sample, encoded in samples:
                 if not self.cancelled.is_set():
-                    self.files.append(*self.entry(spec, encoded.result()))
+                    self.files.append(*self.entry(sample, encoded.result()))
             if not self.cancelled.is_set():
                 self.digests = self.files.close()
         except BaseException as error:
@@ -267,7 +285,13 @@ class ShardStream:
 class ShardWriter:
     """Writes shards one after another; `close` (or a `with` block) stops its encoder threads."""
 
-    def __init__(self, out: OutDir, recipe: Recipe, encoders: int | None = None):
+    def __init__(
+        self,
+        out: OutDir,
+        recipe: Recipe,
+        encoders: int | None = None,
+        check_weights: dict[str, str] | None = None,
+    ):
         self.out = out
         self.recipe = recipe
         self.encoders = encoders or min(8, os.cpu_count() or 1)
@@ -277,6 +301,13 @@ class ShardWriter:
         self.suffix = IMAGE_SUFFIX[recipe.output.image_format]
         self.encode_seconds = 0.0  # summed over the pool's threads, for the shard's stats
         self._encode_lock = threading.Lock()
+        self.check_weights = dict(check_weights or {})  # quality check -> model sha256
+        self.quality_cells = None
+        if recipe.quality is not None:
+            balance = recipe.balance
+            self.quality_cells = grouping(recipe.quality, recipe.labels,
+                                          balance.by if balance else (),
+                                          balance.bins if balance else None)  # fmt: skip
 
     def close(self) -> None:
         self.pool.shutdown(wait=True)
@@ -297,24 +328,33 @@ class ShardWriter:
     def write(
         self,
         task: ShardTask,
-        samples: Iterable[tuple[SampleSpec, Image.Image]],
+        samples: Iterable[tuple[SampleSpec, Image.Image]]
+        | Iterable[tuple[SampleSpec, Image.Image | None, SampleVerdict]],
         seconds: dict[str, float] | None = None,
     ) -> ShardRecord:
+        """Write and commit one shard. Under a quality gate each sample comes with its verdict,
+        and a dropped one with no image: it is counted, not written."""
         schema = self.features.arrow_schema
         files = ShardFiles(self.out, task.name, self.recipe.output.formats, schema)
         stream = ShardStream(files, self._entry, depth=QUEUE_PER_ENCODER * self.encoders)
         count, self.encode_seconds = 0, 0.0
         stats = self.labels.new_stats()
         cells: dict[str, int] = {}
+        quality = QualityTally(weights=self.check_weights) if self.quality_cells else None
         try:
-            for spec, image in samples:
+            for spec, image, *gated in samples:
                 if "." in spec.key:
                     raise ValueError(
                         f"sample key '{spec.key}' contains a dot, which WebDataset splits"
                     )
+                verdict = gated[0] if gated else None
+                if quality is not None and self.quality_cells is not None:
+                    quality.add(spec.key, self.quality_cells.cell(spec.labels), verdict)
+                if image is None:  # dropped by the quality gate
+                    continue
                 # Encoding runs in the pool while the renderer makes the next batch (zlib and
                 # libjpeg release the GIL), so the accelerator does not wait for PNG compression.
-                stream.put(spec, self.pool.submit(self._encode, image))
+                stream.put((spec, verdict), self.pool.submit(self._encode, image))
                 self.labels.add(stats, spec.labels)
                 if spec.cell is not None:
                     cells[spec.cell] = cells.get(spec.cell, 0) + 1
@@ -340,16 +380,21 @@ class ShardWriter:
             },
             labels=stats,
             cells=dict(sorted(cells.items())),
+            quality=quality,
         )
         self.out.commit(record)
         return record
 
-    def _entry(self, spec: SampleSpec, image: bytes) -> tuple[dict, dict]:
+    def _entry(self, sample: Pending, image: bytes) -> tuple[dict, dict]:
         """The tar member and the Parquet row of one encoded sample."""
-        meta = sample_metadata(spec, self.recipe)
+        spec, verdict = sample
+        meta = sample_metadata(spec, self.recipe, verdict)
         member = {"__key__": spec.key, self.suffix: image, "json": json.dumps(meta).encode(),
                   "txt": spec.prompt.encode()}  # fmt: skip
-        return member, self._row(meta, image)
+        row = self._row(meta, image)
+        if verdict is not None:
+            row.update(verdict.columns())
+        return member, row
 
     def _row(self, meta: dict, image: bytes) -> dict:
         row = {

@@ -30,6 +30,7 @@ from synthgen.recipe.balance import BalanceConfig, Cell, quota_cells
 from synthgen.recipe.conditional import LABEL_TAGS, LabelSpec
 from synthgen.recipe.joint import LabelModel
 from synthgen.recipe.prompts import render_prompt, template_fields
+from synthgen.recipe.quality import QualityConfig, bind_checks, grouping
 
 REDACTED = "<redacted: protected path>"
 PRESETS = ("tiny", "sd14-random")  # built-in models, made offline in synthgen.render.pipeline
@@ -183,6 +184,7 @@ class Recipe(Strict):
     source: SourceConfig | None = None
     privacy: PrivacyConfig | None = None
     output: OutputConfig = OutputConfig()
+    quality: QualityConfig | None = None  # the quality gate (synthgen.recipe.quality)
 
     @field_validator("splits")
     @classmethod
@@ -258,6 +260,15 @@ class Recipe(Strict):
                 "balance", "labels resampled from a table (labels_from) cannot also be balanced"
             )
         self.cells()
+        return self
+
+    @model_validator(mode="after")
+    def _quality_fits_labels(self) -> Recipe:
+        if self.quality is not None:
+            bind_checks(self.quality, self.labels)
+            balance = self.balance
+            grouping(self.quality, self.labels, balance.by if balance else (),
+                     balance.bins if balance else None)  # fmt: skip
         return self
 
     def cells(self) -> list[Cell]:
@@ -348,6 +359,8 @@ class Recipe(Strict):
                 update={"lora": model.lora.model_copy(update={"path": absolute(model.lora.path)})}
             )
         changes["model"] = model
+        if self.quality is not None:
+            changes["quality"] = self.quality.resolve_paths(absolute)
         return self.model_copy(update=changes)
 
 

@@ -17,6 +17,8 @@ from synthgen.output.outdir import MODEL_RECORD, OutDir
 from synthgen.output.records import ModelRecord, ShardRecord
 from synthgen.output.shards import ShardWriter
 from synthgen.plan import Plan, ShardTask
+from synthgen.render.gate import Gate
+from synthgen.render.gated import GateSeconds, render_gated
 from synthgen.render.pipeline import load_pipeline
 from synthgen.render.renderer import Renderer
 from synthgen.render.tuning import tune_pipeline
@@ -45,7 +47,10 @@ class Worker:
             started = time.perf_counter()
             self.renderer.warm_up(plan.specs(plan.tasks[0])[0])
             self.compile_seconds = time.perf_counter() - started
-        self.writer = ShardWriter(out, recipe)
+        # The quality gate's models live on the worker's device, beside the pipeline.
+        self.gate = Gate.load(recipe, device) if recipe.quality is not None else None
+        weights = self.gate.weights if self.gate is not None else None
+        self.writer = ShardWriter(out, recipe, check_weights=weights)
         if not out.exists(MODEL_RECORD):
             record = ModelRecord.from_config(recipe.model, None)
             if lora is not None:
@@ -61,6 +66,8 @@ class Worker:
         self.renderer.close()
 
     def run_shard(self, task: ShardTask, progress: Progress | None = None) -> ShardRecord:
+        if self.gate is not None:
+            return self._run_gated_shard(task, progress)
         specs = self.plan.specs(task)
         timings = {"render": 0.0}
         if self.compile_seconds:
@@ -78,6 +85,28 @@ class Worker:
                 timings["source_read"] = self.renderer.source_seconds - read_before
 
         return self.writer.write(task, rendered(), seconds=timings)
+
+    def _run_gated_shard(self, task: ShardTask, progress: Progress | None) -> ShardRecord:
+        """Every batch judged before it is encoded; rejected samples rendered again."""
+        plan = self.plan
+        seconds, timings = GateSeconds(), {}
+        if self.compile_seconds:
+            timings["compile"], self.compile_seconds = self.compile_seconds, 0.0
+
+        def decided():
+            read_before = self.renderer.source_seconds
+            samples = render_gated(self.renderer, self.gate, plan.specs(task), plan.attempt,
+                                   plan.recipe.quality, bool(plan.recipe.balance), seconds)  # fmt: skip
+            for sample in samples:
+                if progress:
+                    progress(1)
+                yield sample.spec, sample.image, sample.verdict
+            # read by the writer once the last sample is in
+            timings.update(render=seconds.render, gate=seconds.gate, rejected=seconds.rejected)
+            if plan.cohort is not None:
+                timings["source_read"] = self.renderer.source_seconds - read_before
+
+        return self.writer.write(task, decided(), seconds=timings)
 
 
 @dataclass(frozen=True)
