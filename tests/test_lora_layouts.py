@@ -317,7 +317,7 @@ def test_shipped_synthmed_recipes_state_alpha_32():
 
     with_lora = [load_recipe(path) for path in sorted((ROOT / "recipes").glob("*.yaml"))]
     with_lora = [recipe for recipe in with_lora if recipe.model.lora is not None]
-    assert len(with_lora) == 5  # hpp-retina-t2i, cxr-t2i, cxr-balanced-t2i and the two i2i
+    assert len(with_lora) == 6  # retina and cxr t2i, cxr-balanced, cxr-gated, the two i2i
     assert all(recipe.model.lora.alpha == 32 for recipe in with_lora)
 
 

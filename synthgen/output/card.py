@@ -106,7 +106,9 @@ def _introduction(card: CardInputs) -> str:
 def _loading(recipe: Recipe, manifest: Manifest) -> str:
     """Code that runs as written from this dataset's folder (a clone of the Hub repo, or OUT):
     the WebDataset pattern is built from the shards that exist."""
-    parts = ["## Load it\n\nFrom this dataset's folder (from the Hub: `load_dataset(\"ORG/NAME\")`):\n"]
+    parts = [
+        '## Load it\n\nFrom this dataset\'s folder (from the Hub: `load_dataset("ORG/NAME")`):\n'
+    ]
     if "parquet" in recipe.output.formats:
         parts.append(
             """
