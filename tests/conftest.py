@@ -125,8 +125,11 @@ def s3_server():
         key="testing", secret="testing", endpoint_url=env["AWS_ENDPOINT_URL"],
         skip_instance_cache=True,
     )  # fmt: skip
-    fs.mkdir("bucket")
+    fs.makedirs("bucket", exist_ok=True)  # moto keeps its buckets for the whole process
     try:
         yield fs, env
     finally:
         server.stop()
+        # OutDir("s3://…") in this process reuses cached filesystems: none may point at a
+        # server that is gone when the next test starts its own.
+        s3fs.S3FileSystem.clear_instance_cache()

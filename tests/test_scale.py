@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import logging
 import os
 import shutil
 import signal
@@ -357,36 +356,6 @@ def test_rank_flags_and_a_slurm_array_split_the_shards(recipe, one_worker, tmp_p
 
 
 # --- 4. an S3-compatible server on loopback -------------------------------------------------------
-
-
-@pytest.fixture
-def s3_server():
-    """moto's S3 on 127.0.0.1; yields (s3fs filesystem, env for synthgen pointed at it)."""
-    pytest.importorskip("s3fs")
-    from moto.server import ThreadedMotoServer
-
-    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one line per request otherwise
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    env = clean_env(
-        AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing",
-        AWS_DEFAULT_REGION="us-east-1", AWS_ENDPOINT_URL=f"http://{host}:{port}",
-        NO_PROXY="127.0.0.1,localhost", no_proxy="127.0.0.1,localhost",
-    )  # fmt: skip
-    import s3fs
-
-    fs = s3fs.S3FileSystem(
-        key="testing",
-        secret="testing",
-        endpoint_url=env["AWS_ENDPOINT_URL"],
-        skip_instance_cache=True,
-    )
-    fs.makedirs("bucket", exist_ok=True)  # moto keeps its buckets for the whole process
-    try:
-        yield fs, env
-    finally:
-        server.stop()
 
 
 def test_s3_output_resumes_and_finalizes_like_local(recipe, one_worker, s3_server, tmp_path):
