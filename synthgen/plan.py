@@ -31,7 +31,7 @@ from synthgen.recipe.labels import LabelValue
 from synthgen.recipe.prompts import render_prompt
 from synthgen.recipe.schema import Recipe
 
-_LABEL_STREAM, _IMAGE_STREAM, _COHORT_STREAM = 0, 1, 2
+_LABEL_STREAM, _IMAGE_STREAM, _COHORT_STREAM, _PART_STREAM = 0, 1, 2, 3
 PLAN_VERSION = 2  # 1: contiguous split ranges (synthgen 0.1); 2: interleaved, extendable
 
 
@@ -256,53 +256,90 @@ class _I2ISample:
     split: str
 
 
-Block = tuple[float, int]  # (strength, repeat): every cohort row once, split by split
+Block = tuple[float, int, int]  # (strength, repeat, cohort part): those rows once, split by split
 
 
 class I2ILayout:
     """Which cohort row, strength and noise each i2i index is, laid out block by block.
 
     Patients are dealt to splits after a seeded shuffle, so keys reveal nothing of the cohort's
-    order and a patient's images share a split. A block is one (strength, repeat) pass over the
-    rows; blocks an earlier run of the corpus planned keep their place and new ones (a strength
-    added to the list, a higher `repeats`) come after them, so a sweep grows without renumbering.
+    order and a patient's images share a split. The manifest's rows come in parts: the rows an
+    earlier run of the corpus planned (`parts`, their last row numbers) and those added after
+    them. A block is one (strength, repeat) pass over one part's rows; the blocks an earlier run
+    planned keep their place and new ones (a strength appended, a higher `repeats`, new rows)
+    come after them, so a sweep or a cohort grows without renumbering a sample.
     """
 
-    def __init__(self, recipe: Recipe, cohort: Cohort, earlier: Sequence[Block] = ()):
-        patients = list(dict.fromkeys(row.patient_id for row in cohort.rows))
-        shuffle = np.random.Generator(np.random.PCG64(_rng(recipe.seed, 0, _COHORT_STREAM)))
-        order = [patients[i] for i in shuffle.permutation(len(patients))]
-        rows_of: dict[str, list] = {}
-        for row in cohort.rows:
-            rows_of.setdefault(row.patient_id, []).append(row)
-        by_split, start = {}, 0
-        for split, count in split_counts(len(order), recipe.splits).items():
-            by_split[split] = [row for p in order[start : start + count] for row in rows_of[p]]
-            start += count
-        position = {r.row: i for i, r in enumerate(r for rows in by_split.values() for r in rows)}
+    def __init__(
+        self,
+        recipe: Recipe,
+        cohort: Cohort,
+        earlier: Sequence[Block] = (),
+        parts: Sequence[int] = (),
+    ):
+        last = max((row.row for row in cohort.rows), default=0)
+        last = max(last, max((s.row for s in cohort.skipped), default=0))
+        if parts and last < parts[-1]:
+            raise RecipeError(
+                f"OUT was planned over {parts[-1]} cohort rows and the manifest now has "
+                f"{last}: a cohort can grow, not shrink (or pass --overwrite)",
+                where="source.manifest",
+            )
+        self.parts = [*parts, last] if not parts or last > parts[-1] else list(parts)
+        by_part = self._deal(recipe, cohort)
         wanted = [
-            (s, r) for s in recipe.generation.strengths() for r in range(recipe.generation.repeats)
+            (s, r, p)
+            for p in range(len(self.parts))
+            for s in recipe.generation.strengths()
+            for r in range(recipe.generation.repeats)
         ]
-        gone = [block for block in earlier if tuple(block) not in wanted]
+        earlier = [tuple(block) for block in earlier]
+        gone = [block for block in earlier if block not in wanted]
         if gone:
             raise RecipeError(
                 f"OUT holds samples at strength {gone[0][0]:g} (repeat {gone[0][1]}) that this "
                 "recipe no longer asks for: a sweep can grow, not shrink (or pass --overwrite)",
                 where="generation.strength",
             )
-        self.blocks = [tuple(b) for b in earlier] + [b for b in wanted if b not in earlier]
+        self.blocks = earlier + [b for b in wanted if b not in earlier]
         self.samples: list[_I2ISample] = []
         self.groups: dict[tuple[str, float | None], list[int]] = {}
-        for strength, repeat in self.blocks:
-            for split, rows in by_split.items():
+        for strength, repeat, part in self.blocks:
+            for split, rows in by_part[part].items():
                 group = self.groups.setdefault((split, strength), [])
-                for row in rows:
+                for row, position in rows:
                     # The same noise at every strength: a sweep then varies strength alone.
-                    noise = image_seed(
-                        recipe.seed, position[row.row] * 1000 + repeat, _COHORT_STREAM
-                    )
+                    noise = image_seed(recipe.seed, position * 1000 + repeat, _COHORT_STREAM)
                     group.append(len(self.samples))
                     self.samples.append(_I2ISample(row.row, strength, noise, split))
+
+    def _deal(self, recipe: Recipe, cohort: Cohort) -> list[dict[str, list]]:
+        """Per part, per split: (row, position) in order. A patient keeps the split its first
+        part gave it; a part's new patients are shuffled and dealt among themselves."""
+        split_of: dict[str, str] = {}
+        dealt, positions = [], 0
+        for number, high in enumerate(self.parts):
+            low = self.parts[number - 1] if number else 0
+            rows = [row for row in cohort.rows if low < row.row <= high]
+            new = [p for p in dict.fromkeys(row.patient_id for row in rows) if p not in split_of]
+            key = (0, _COHORT_STREAM) if number == 0 else (number, _PART_STREAM)
+            shuffle = np.random.Generator(np.random.PCG64(_rng(recipe.seed, *key)))
+            order = [new[i] for i in shuffle.permutation(len(new))]
+            start = 0
+            for split, count in split_counts(len(order), recipe.splits).items():
+                split_of.update((patient, split) for patient in order[start : start + count])
+                start += count
+            rank = {patient: i for i, patient in enumerate(order)}
+            part: dict[str, list] = {split: [] for split in recipe.splits}
+            for row in sorted(rows, key=lambda r: (rank.get(r.patient_id, -1), r.row)):
+                part[split_of[row.patient_id]].append(row)
+            placed = {split: [] for split in recipe.splits}
+            for split, members in part.items():
+                for row in members:
+                    placed[split].append((row, positions))
+                    positions += 1
+            dealt.append(placed)
+        return dealt
 
 
 def shard_tasks(
@@ -341,6 +378,7 @@ class Plan:
         table: list[dict] | None = None,
         previous: Sequence[ShardTask] = (),
         blocks: Sequence[Block] = (),
+        parts: Sequence[int] = (),
     ):
         self.recipe = recipe
         self.table = table
@@ -349,7 +387,7 @@ class Plan:
         if recipe.generation.mode == "i2i":
             if cohort is None:
                 raise ValueError("an i2i plan needs the cohort")
-            self.layout, self.i2i = None, I2ILayout(recipe, cohort, blocks)
+            self.layout, self.i2i = None, I2ILayout(recipe, cohort, blocks, parts)
             sizes = {group: len(indices) for group, indices in self.i2i.groups.items()}
         else:
             self.layout, self.i2i = T2ILayout(recipe), None
@@ -366,6 +404,10 @@ class Plan:
     @property
     def blocks(self) -> list[Block]:
         return list(self.i2i.blocks) if self.i2i is not None else []
+
+    @property
+    def parts(self) -> list[int]:
+        return list(self.i2i.parts) if self.i2i is not None else []
 
     def layout_sha256(self, size: int | None = None) -> str | None:
         """Digest of which row, strength, split and noise the first `size` i2i indices are (all

@@ -4,6 +4,7 @@ recipe sample by sample."""
 
 from __future__ import annotations
 
+import csv
 import hashlib
 
 import pyarrow.parquet as pq
@@ -93,9 +94,22 @@ def test_an_i2i_sweep_grows_by_a_strength_or_a_repeat(tmp_path, before, after, n
     assert fresh.rendered == len(samples(tmp_path / "fresh"))
 
 
-def test_an_i2i_sweep_with_new_cohort_rows_is_refused_not_renumbered(tmp_path):
+def test_an_i2i_cohort_grows_by_rows_added_at_the_end_of_its_manifest(tmp_path):
     make_cohort(tmp_path / "cohort", rows=8)
-    run(tmp_path, "before", i2i(tmp_path, strength=0.5), "out")
-    make_cohort(tmp_path / "cohort", rows=10)  # two more patients: the shuffle changes
-    with pytest.raises(OutputError, match="strengths appended and repeats raised"):
+    run(tmp_path, "before", i2i(tmp_path, strength=[0.5, 0.8]), "out")
+    kept = shard_digests(tmp_path / "out")
+    keys = set(samples(tmp_path / "out"))
+    make_cohort(tmp_path / "cohort", rows=12)  # the same 8 rows, then two more patients
+    grown = run(tmp_path, "after", i2i(tmp_path, strength=[0.5, 0.8]), "out")
+    assert grown.rendered == 4 * 2  # the new rows, at both strengths; nothing else
+    now = shard_digests(tmp_path / "out")
+    assert {path: now[path] for path in kept} == kept
+    new = set(samples(tmp_path / "out")) - keys
+    assert sorted(new) == [f"sweep-{i:08d}" for i in range(16, 24)]  # appended, not renumbered
+    with open(tmp_path / "linkage.csv") as handle:
+        links = {row["key"]: int(row["source_row"]) for row in csv.DictReader(handle)}
+    assert {links[key] for key in new} == {9, 10, 11, 12}
+    assert len(links) == 24
+    make_cohort(tmp_path / "cohort", rows=6)  # rows removed
+    with pytest.raises(RecipeError, match="grow, not shrink"):
         run(tmp_path, "after", i2i(tmp_path, strength=[0.5, 0.8]), "out")

@@ -65,8 +65,12 @@ def load_cohort(
     *,
     check_images: bool = True,
     progress: bool = True,
+    checked_before: int = 0,
 ) -> Cohort:
-    """Every usable row; unusable ones stop the run (`fail`) or are listed (`skip`)."""
+    """Every usable row; unusable ones stop the run (`fail`) or are listed (`skip`).
+
+    `checked_before`: rows up to this one were checked when an earlier run started (a grown
+    cohort): their images are not decoded again."""
     table = read_table(source.manifest, where="source.manifest")
     require_columns(table, _wanted_columns(source))
     if source.max_rows is not None:
@@ -79,7 +83,7 @@ def load_cohort(
     for position, (_, record) in enumerate(records, start=1):
         try:
             row = reader.row(position, record)
-            if check_images:
+            if check_images and position > checked_before:
                 read_image(row.image_path)
         except (ValueError, ImageError) as exc:  # their messages never quote a cell or path
             if source.on_error == "fail":

@@ -51,11 +51,13 @@ class RunRecord:
     skipped: list[SkippedRow] = field(default_factory=list)
     corpus_sha256: str | None = None  # the recipe whatever its size: a larger one extends it
     plan_version: int = PLAN_VERSION  # how indices map to splits and shards (plan.py)
-    # i2i: the (strength, repeat) passes over the cohort in index order, and a digest of which
-    # row, strength, split and noise the first `layout_size` indices are (Plan.layout_sha256)
-    blocks: list[tuple[float, int]] = field(default_factory=list)
+    # i2i: the (strength, repeat, cohort part) passes in index order, the last manifest row of
+    # each part, and a digest of which row, strength, split and noise the first `layout_size`
+    # indices are (Plan.layout_sha256)
+    blocks: list[tuple[float, int, int]] = field(default_factory=list)
     layout_sha256: str | None = None
     layout_size: int = 0
+    parts: list[int] = field(default_factory=list)
 
     def to_json(self) -> bytes:
         return json.dumps(asdict(self)).encode()
@@ -70,9 +72,10 @@ class RunRecord:
                 [SkippedRow(int(s["row"]), str(s["reason"])) for s in raw.get("skipped", [])],
                 raw.get("corpus_sha256"),
                 int(raw.get("plan_version", 1)),  # records before 0.2 had none: plan 1
-                [(float(s), int(r)) for s, r in raw.get("blocks", [])],
+                [(float(b[0]), int(b[1]), int(b[2])) for b in raw.get("blocks", [])],
                 raw.get("layout_sha256"),
                 int(raw.get("layout_size", 0)),
+                [int(part) for part in raw.get("parts", [])],
             )
         except (KeyError, TypeError, ValueError) as error:
             raise _damaged(name, "run", error) from None

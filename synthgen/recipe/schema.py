@@ -318,13 +318,14 @@ class Recipe(Strict):
 
     def corpus_sha256(self) -> str:
         """What the corpus is whatever its size: the shareable recipe without `num_samples`, the
-        balance's `per_cell` or an i2i sweep's strengths and repeats. Raising those extends a
+        balance's `per_cell` or an i2i sweep's strengths, repeats and row limit. Raising those extends a
         corpus; any other change starts a new one."""
         dump = self.shareable().model_dump(mode="json", exclude_none=True)
         dump.pop("num_samples", None)
         dump.get("balance", {}).pop("per_cell", None)
         for grows in ("strength", "repeats"):  # an i2i sweep grows by strengths and repeats
             dump["generation"].pop(grows, None)
+        dump.get("source", {}).pop("max_rows", None)  # and by rows (a trial run's limit)
         canonical = json.dumps(dump, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()
 

@@ -78,7 +78,8 @@ def claim_output(
     # run record is then seen together with that record.
     files = out.all_files()
     record = read_run_record(out)
-    if isinstance(record, RunRecord) and record.recipe_sha256 == recipe.sha256():
+    same_recipe = isinstance(record, RunRecord) and record.recipe_sha256 == recipe.sha256()
+    if same_recipe and plan.tasks == record.tasks:
         if not out.exists(RECIPE):  # killed between the run record and recipe.yaml
             out.write_atomic(RECIPE, recipe.shareable().to_yaml().encode())
         return
@@ -87,16 +88,13 @@ def claim_output(
     elif not overwrite:
         if isinstance(record, DamagedRecord):
             raise record.error
-        if grows(record, recipe, plan):
-            out.remove(
-                MANIFEST
-            )  # no longer complete: finalize writes it again for the whole corpus
-            write_run(out, recipe, plan)
+        if grows(record, recipe, plan):  # a larger recipe, or the same one over an i2i cohort grown
+            grow(out, recipe, plan)
             return
         raise OutputError(
             "holds a run of a different recipe; pass --overwrite to replace it, or choose another "
             "output directory (a corpus grows only by num_samples (t2i), per_cell (balance), or "
-            "strengths appended and repeats raised (i2i, with the same cohort rows))",
+            "strengths appended, repeats raised and rows added at the manifest's end (i2i))",
             file=out.url,
         )
     elif follower:
@@ -105,6 +103,14 @@ def claim_output(
     else:
         clear_previous_run(out, files, recipe, plan)
     if recipe.privacy is not None:
+        write_linkage(plan, recipe.privacy.linkage, out)
+    write_run(out, recipe, plan)
+
+
+def grow(out: OutDir, recipe: Recipe, plan: Plan) -> None:
+    """Plan the new samples after the committed ones; OUT is not complete until they are."""
+    out.remove(MANIFEST)  # finalize writes it again for the whole corpus
+    if recipe.privacy is not None:  # the new keys' sources, beside the old ones
         write_linkage(plan, recipe.privacy.linkage, out)
     write_run(out, recipe, plan)
 
@@ -123,6 +129,7 @@ def write_run(out: OutDir, recipe: Recipe, plan: Plan) -> None:
     record = RunRecord(
         recipe.sha256(), plan.tasks, skipped, recipe.corpus_sha256(), blocks=plan.blocks,
         layout_sha256=plan.layout_sha256(), layout_size=plan.total if plan.i2i else 0,
+        parts=plan.parts,
     )  # fmt: skip
     out.write_atomic(RUN_RECORD, record.to_json())
     out.write_atomic(RECIPE, recipe.shareable().to_yaml().encode())

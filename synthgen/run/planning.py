@@ -18,23 +18,38 @@ def build_plan(
 ) -> Plan:
     """The plan, reading the cohort (checking its images) or the label table it needs.
 
-    `previous`: the run record of the same corpus in OUT; its shards are kept as planned.
+    `previous`: the run record of the same corpus in OUT; its shards are kept as planned (and
+    for i2i its blocks and cohort parts, and the rows it skipped: their images were checked
+    when it started, so only rows added since are decoded).
     """
-    if recipe.generation.mode == "i2i":
+    if recipe.generation.mode == "t2i":
+        table = label_table(recipe.labels_from, recipe.labels) if recipe.labels_from else None
+        return Plan(recipe, table=table, previous=previous.tasks if previous else ())
+    if previous is None:
         cohort = load_cohort(recipe.source, recipe.labels, check_images=check_images)
         return Plan(recipe, cohort=cohort)
-    table = label_table(recipe.labels_from, recipe.labels) if recipe.labels_from else None
-    return Plan(recipe, table=table, previous=previous.tasks if previous else ())
+    checked = previous.parts[-1] if previous.parts else 0
+    cohort = load_cohort(
+        recipe.source, recipe.labels, check_images=check_images, checked_before=checked
+    )
+    earlier = {entry.row for entry in previous.skipped}
+    rows = [row for row in cohort.rows if row.row not in earlier]
+    skipped = [*previous.skipped, *(s for s in cohort.skipped if s.row > checked)]
+    return Plan(
+        recipe, Cohort(rows, skipped), previous=previous.tasks, blocks=previous.blocks,
+        parts=previous.parts,
+    )  # fmt: skip
 
 
 def plan_for_out(out: OutDir, recipe: Recipe, *, fresh: bool = False) -> Plan:
     """The plan of `recipe` for OUT, with the cohort's images checked once per run.
 
-    A T2I run of the same corpus (the same recipe but for its size) keeps the shards OUT's run
-    record lists and plans only what is new. Resuming (or re-running a complete) i2i run trusts
-    the cohort check made when it started, whose skipped rows are in the run record, instead of
-    decoding every source image again; if the cohort no longer gives the recorded shards, it is
-    checked in full. `fresh` (--overwrite) plans as if OUT were empty.
+    A run of the same corpus (the same recipe but for its size: num_samples, per_cell, an i2i
+    sweep's strengths, repeats and rows) keeps the shards OUT's run record lists and plans only
+    what is new; for i2i the cohort check made when it started (its skipped rows are recorded)
+    is trusted and only added rows are decoded. If the cohort no longer gives the recorded
+    samples (a row changed place), it is planned afresh, and claiming OUT refuses it. `fresh`
+    (--overwrite) plans as if OUT were empty.
     """
     record = None if fresh else out.run_record()
     if record is None:
@@ -46,17 +61,9 @@ def plan_for_out(out: OutDir, recipe: Recipe, *, fresh: bool = False) -> Plan:
             "pass --overwrite",
             file=out.url,
         )
-    same_corpus = record.corpus_sha256 == recipe.corpus_sha256()
-    previous = record if same_corpus else None
-    if recipe.generation.mode == "t2i":
-        return build_plan(recipe, previous=previous)
-    if same_corpus:
-        dropped = {entry.row for entry in record.skipped}
-        cohort = load_cohort(recipe.source, recipe.labels, check_images=False)
-        rows = [row for row in cohort.rows if row.row not in dropped]
-        plan = Plan(
-            recipe, Cohort(rows, record.skipped), previous=record.tasks, blocks=record.blocks
-        )
-        if plan.tasks[: len(record.tasks)] == record.tasks:
-            return plan
-    return build_plan(recipe, check_images=True)
+    if record.corpus_sha256 != recipe.corpus_sha256():
+        return build_plan(recipe)
+    plan = build_plan(recipe, previous=record)
+    if plan.layout_sha256(record.layout_size) == record.layout_sha256:
+        return plan
+    return build_plan(recipe)
