@@ -29,8 +29,9 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 from synthgen.data import parquet_dataset, webdataset_loader  # noqa: E402
 from synthgen.output.outdir import OutDir  # noqa: E402
 from synthgen.recipe.schema import recipe_from_dict  # noqa: E402
+from synthgen.run.claim import claim_output  # noqa: E402
 from synthgen.run.finalize import finalize  # noqa: E402
-from synthgen.run.generate import claim_output, generate, run_state  # noqa: E402
+from synthgen.run.generate import generate, run_state  # noqa: E402
 from synthgen.run.planning import build_plan  # noqa: E402
 
 
@@ -116,7 +117,7 @@ def bookkeeping(url: str) -> dict[str, float]:
     """What the resume check and finalize cost on a complete OUT, and what finalize reads."""
     out = OutDir(url)
     tasks = out.run_record().tasks
-    resume_s, _ = timed(run_state, out, tasks)
+    resume_s, _ = timed(run_state, out, out.recipe(), tasks)
     finalize(out)  # warm: imports and caches, so the next call measures finalize alone
     out.fs = counting = CountingFS(out.fs)
     finalize_s, _ = timed(finalize, out)
