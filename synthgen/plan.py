@@ -395,6 +395,8 @@ class Plan:
             if self.layout.rounds_needed is not None:
                 self._check_balanced_splits(self.layout)
             sizes = {(s, None): self.layout.split_count(s, total) for s in recipe.splits}
+            if not all(sizes.values()):
+                self._refuse_empty_split(self.layout, sizes, total)
         self.tasks = shard_tasks(sizes, previous, recipe.shard_size)
 
     @property
@@ -454,6 +456,20 @@ class Plan:
         if draw and self.layout is not None and self.layout.cells and quality.on_fail == "drop":
             spec = t2i_spec(self.recipe, spec.index, self.layout, self.model, self.table, draw)
         return replace(spec, seed=attempt_seed(self.recipe.seed, spec.index, attempt))
+
+    def _refuse_empty_split(self, layout: T2ILayout, sizes: dict, total: int) -> None:
+        """A split left empty would make the card's `load_dataset` configs fail later."""
+        empty = next(split for (split, _), size in sizes.items() if size == 0)
+        low, high = total, sum(layout.splits.weights) * layout.period  # all full at `high`
+        while high - low > 1:  # the fewest samples that fill every split (counts only grow)
+            middle = (low + high) // 2
+            filled = all(layout.split_count(s, middle) for s in self.recipe.splits)
+            low, high = (low, middle) if filled else (middle, high)
+        raise RecipeError(
+            f"{total} samples leave split '{empty}' empty: raise num_samples to at least {high} "
+            "or drop the split",
+            where="num_samples",
+        )
 
     def _check_balanced_splits(self, layout: T2ILayout) -> None:
         """Every split must get at least one whole round of the cell pattern."""

@@ -138,7 +138,7 @@ def test_second_generate_is_a_no_op(generated):
 
 
 def test_another_recipe_is_refused_without_overwrite(tmp_path, fresh_copy):
-    other = write_recipe(tmp_path / "other.yaml", small_recipe(seed=7, num_samples=4))
+    other = write_recipe(tmp_path / "other.yaml", small_recipe(seed=7, num_samples=5))
     refused = run_cli("generate", str(other), "-o", str(fresh_copy), check=False)
     assert refused.returncode == 2
     assert "different recipe" in refused.stderr and "Traceback" not in refused.stderr

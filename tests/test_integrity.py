@@ -284,7 +284,7 @@ def test_overwrite_removes_only_what_the_previous_run_wrote(recipe_file, referen
     }  # fmt: skip
     for path, data in user.items():
         (out / path).write_bytes(data)
-    other = write_recipe(tmp_path / "other.yaml", tiny_recipe(seed=99, num_samples=3))
+    other = write_recipe(tmp_path / "other.yaml", tiny_recipe(seed=99, num_samples=5))
     assert cli("generate", str(other), "-o", str(out), "--overwrite").exit_code == 0
     fresh = tmp_path / "fresh"
     generate(load_recipe(other), str(fresh))

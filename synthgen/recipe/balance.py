@@ -21,20 +21,21 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, model_validator
 
 from synthgen.errors import FieldError
-from synthgen.recipe.conditional import LabelSpec, bin_label
+from synthgen.recipe.conditional import LabelSpec, bin_label, check_bins
 from synthgen.recipe.joint import LabelModel, family, leaf
 from synthgen.recipe.labels import LabelValue
+from synthgen.recipe.numbers import MAX_CELLS, MAX_SAMPLES, LabelNumber, Probability, integer
 
 
 class CellQuota(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     cell: dict[str, Any]  # label -> category, [low, high] bin, or list of findings
-    count: int | None = Field(None, ge=1)
-    share: float | None = Field(None, gt=0, le=1)
+    count: integer(ge=1, le=MAX_SAMPLES) | None = None
+    share: Probability | None = None
 
     @model_validator(mode="after")
     def _one_size(self) -> CellQuota:
@@ -47,9 +48,9 @@ class BalanceConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     by: list[str]
-    bins: dict[str, list[tuple[float, float]]] = {}
+    bins: dict[str, list[tuple[LabelNumber, LabelNumber]]] = {}
     sets: dict[str, list[list[str]]] = {}
-    per_cell: int | None = Field(None, ge=1)
+    per_cell: integer(ge=1, le=MAX_SAMPLES) | None = None
     cells: list[CellQuota] | None = None
 
     @model_validator(mode="after")
@@ -87,7 +88,10 @@ class _Value:
 
     def matches(self, written: Any) -> bool:
         if isinstance(self.raw, tuple):
-            return isinstance(written, list) and [float(v) for v in written] == list(self.raw)
+            numbers = isinstance(written, list) and all(
+                isinstance(v, int | float) and not isinstance(v, bool) for v in written
+            )
+            return numbers and [float(v) for v in written] == list(self.raw)
         if isinstance(self.raw, frozenset):
             unique = isinstance(written, list) and len(set(written)) == len(written)
             return unique and frozenset(written) == self.raw
@@ -107,6 +111,9 @@ def quota_cells(
     for name in config.sets:
         if name not in config.by:
             raise FieldError(f"sets.{name}", f"'{name}' is not in by")
+    size = math.prod(len(values) for values in choices)
+    if size > MAX_CELLS:
+        raise FieldError("by", f"{size} cells; at most {MAX_CELLS}: balance fewer labels or bins")
     combos = [list(combo) for combo in itertools.product(*choices)]
     counts = _counts(config, combos, num_samples)
     cells = []
@@ -153,12 +160,9 @@ def _bins(config: BalanceConfig, name: str, spec: LabelSpec) -> list[_Value]:
         raise FieldError(f"bins.{name}", f"a numeric label needs bins: {name}: [[low, high], ...]")
     bins = config.bins[name]
     plain = leaf(spec)
+    check_bins(bins, f"bins.{name}", contiguous=False)
     values = []
     for i, (low, high) in enumerate(bins):
-        if not (math.isfinite(low) and math.isfinite(high) and low < high):
-            raise FieldError(f"bins.{name}.{i}", f"bin [{low:g}, {high:g}] needs low < high")
-        if i and low < bins[i - 1][1]:
-            raise FieldError(f"bins.{name}.{i}", "overlaps the bin before it")
         last = i == len(bins) - 1
         # [low, high): the integers below high, or high itself for the last bin
         top = high if last or plain.dtype == "float" else math.ceil(high) - 1  # type: ignore[union-attr]
@@ -207,6 +211,9 @@ def _counts(
     else:
         counts = _listed_counts(config, combos, num_samples)
     total = sum(counts)
+    if total > MAX_SAMPLES:
+        where = "per_cell" if config.per_cell is not None else "cells"
+        raise FieldError(where, f"the quotas add up to {total} samples; at most {MAX_SAMPLES}")
     if num_samples is not None and num_samples != total and config.per_cell is not None:
         raise FieldError(
             "per_cell",
@@ -236,6 +243,10 @@ def _listed_counts(
         extra = sorted(set(quota.cell) - set(config.by))
         if extra:
             raise FieldError(f"cells.{n}.cell.{extra[0]}", "is not a balanced label")
+        for k, name in enumerate(config.by):  # the label whose value is none of its cells'
+            if not any(combo[k].matches(quota.cell[name]) for combo in combos):
+                kinds = "bins" if name in config.bins else "values"
+                raise FieldError(f"cells.{n}.cell.{name}", f"is not one of {name}'s {kinds}")
         found = [
             i for i, combo in enumerate(combos)
             if all(value.matches(quota.cell[value.label]) for value in combo)

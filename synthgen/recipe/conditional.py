@@ -16,7 +16,7 @@ has one column type whatever case drew it; a case may itself be conditional (a s
 
 from __future__ import annotations
 
-import math
+from collections.abc import Sequence
 from typing import Annotated, Any
 
 import numpy as np
@@ -34,13 +34,14 @@ from synthgen.recipe.labels import (
     Storage,
     Uniform,
 )
+from synthgen.recipe.numbers import LabelNumber
 
 
 class Conditional(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     given: str
-    bins: list[tuple[float, float]] | None = None
+    bins: list[tuple[LabelNumber, LabelNumber]] | None = None
     cases: dict[str, LabelSpec] | list[LabelSpec]
     default: LabelSpec | None = None
 
@@ -62,7 +63,7 @@ class Conditional(BaseModel):
                 raise FieldError(
                     "cases", f"{len(self.cases)} cases for {len(self.bins)} bins: give one per bin"
                 )
-            _check_bins(self.bins)
+            check_bins(self.bins, "bins", contiguous=True)
         first = self.first_case()
         for where, case in self.named_cases():
             if case.storage != first.storage or case.encoding() != first.encoding():
@@ -164,16 +165,19 @@ def bin_label(low: float, high: float, last: bool) -> str:
     return f"[{low:g}, {high:g}{']' if last else ')'}"
 
 
-def _check_bins(bins: list[tuple[float, float]]) -> None:
+def check_bins(bins: Sequence[tuple[float, float]], where: str, *, contiguous: bool) -> None:
+    """Bins [low, high) in increasing order, none overlapping the one before; `contiguous`:
+    no gap either (a conditional's cases cover the parent's range). The edges are finite
+    already (`LabelNumber`)."""
     for i, (low, high) in enumerate(bins):
-        if not (math.isfinite(low) and math.isfinite(high)) or not low < high:
-            raise FieldError(f"bins.{i}", f"bin [{low:g}, {high:g}] must have low < high, finite")
-        if i and low > bins[i - 1][1]:
-            raise FieldError(
-                f"bins.{i}", f"bins leave a gap between {bins[i - 1][1]:g} and {low:g}"
-            )
+        if not low < high:
+            raise FieldError(f"{where}.{i}", f"bin [{low:g}, {high:g}] must have low < high")
         if i and low < bins[i - 1][1]:
-            raise FieldError(f"bins.{i}", f"bin [{low:g}, {high:g}] overlaps the one before it")
+            raise FieldError(f"{where}.{i}", f"bin [{low:g}, {high:g}] overlaps the one before it")
+        if i and contiguous and low > bins[i - 1][1]:
+            raise FieldError(
+                f"{where}.{i}", f"bins leave a gap between {bins[i - 1][1]:g} and {low:g}"
+            )
 
 
 def _kind(value: Any) -> str | None:
@@ -193,4 +197,3 @@ LabelSpec = Annotated[
     Discriminator(_kind),
 ]
 Conditional.model_rebuild()
-LABEL_TAGS = ("categorical", "uniform", "normal", "constant", "multilabel", "conditional")

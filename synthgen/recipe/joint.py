@@ -110,7 +110,7 @@ class LabelModel:
             return
         for corner in itertools.product(*ranges):
             given = dict(zip(spec.mean.per, corner))  # type: ignore[union-attr]
-            spec.check_mass(spec.mean_at(given), f"{where.removeprefix('labels.')}.mean")
+            spec.check_mass(spec.mean_at(given), f"{where}.mean")
 
     def parents(self, name: str) -> tuple[str, ...]:
         return self.labels[name].parents()

@@ -16,10 +16,11 @@ from statistics import NormalDist
 from typing import Any, ClassVar, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, model_validator
 
 from synthgen.errors import FieldError
 from synthgen.recipe.label_stats import Counts, Fitted, LabelStats, Moments, Regression
+from synthgen.recipe.numbers import MAX_MAGNITUDE, LabelNumber, Probability, Weight, integer, real
 
 LabelValue = str | int | float | list[str]
 # How a label's Parquet column is typed: a class index, a number, text, or a list of texts.
@@ -112,19 +113,14 @@ class _Label(BaseModel):
 
 class Categorical(_Label):
     dist: Literal["categorical"]
-    values: dict[str, float]
+    values: dict[str, Weight]
 
     storage: ClassVar[Storage] = "class"
 
     @model_validator(mode="after")
-    def _positive_weights(self) -> Categorical:
+    def _some_category(self) -> Categorical:
         if not self.values:
             raise FieldError("values", "values must name at least one category")
-        for value, weight in self.values.items():
-            if not weight > 0:
-                raise FieldError(
-                    f"values.{value}", f"weight of '{value}' is {weight}; weights must be positive"
-                )
         return self
 
     def probabilities(self) -> dict[str, float]:
@@ -269,8 +265,8 @@ def moment_rows(
 
 class Uniform(_Numeric):
     dist: Literal["uniform"]
-    min: float
-    max: float
+    min: LabelNumber
+    max: LabelNumber
 
     @model_validator(mode="after")
     def _ordered(self) -> Uniform:
@@ -305,8 +301,8 @@ class LinearMean(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    base: float
-    per: dict[str, float]
+    base: LabelNumber
+    per: dict[str, LabelNumber]
 
     @model_validator(mode="after")
     def _names_a_label(self) -> LinearMean:
@@ -323,15 +319,13 @@ class LinearMean(BaseModel):
 
 class Normal(_Numeric):
     dist: Literal["normal"]
-    mean: float | LinearMean
-    std: float
-    min: float | None = None
-    max: float | None = None
+    mean: LabelNumber | LinearMean
+    std: real(gt=0, le=MAX_MAGNITUDE)
+    min: LabelNumber | None = None
+    max: LabelNumber | None = None
 
     @model_validator(mode="after")
     def _valid(self) -> Normal:
-        if not self.std > 0:
-            raise FieldError("std", f"std is {self.std:g}; it must be greater than 0")
         low, high = self.bounds()
         if low > high:
             raise FieldError("min", f"min ({low:g}) is greater than max ({high:g})")
@@ -429,7 +423,7 @@ class Normal(_Numeric):
 
 class Constant(_Label):
     dist: Literal["constant"]
-    value: int | float | str
+    value: integer(ge=-(10**15), le=10**15) | LabelNumber | str
 
     def sample(self, rng: np.random.Generator, given: Given | None = None) -> int | float | str:
         return self.value
@@ -444,7 +438,7 @@ class Constant(_Label):
 
     @property
     def storage(self) -> Storage:  # type: ignore[override]
-        return {bool: "bool", int: "int64", float: "float64"}.get(type(self.value), "string")  # type: ignore[return-value]
+        return {int: "int64", float: "float64"}.get(type(self.value), "string")  # type: ignore[return-value]
 
     def encoding(self) -> LabelEncoding:
         return LabelEncoding("constant")
@@ -465,9 +459,9 @@ class Constant(_Label):
 
 class Multilabel(_Label):
     dist: Literal["multilabel"]
-    values: dict[str, float]
+    values: dict[str, Probability]
     none: str = "no finding"
-    max_labels: int | None = Field(None, ge=1)
+    max_labels: integer(ge=1, le=10_000) | None = None
     join: str = ", "
 
     storage: ClassVar[Storage] = "list<string>"
@@ -476,11 +470,6 @@ class Multilabel(_Label):
     def _probabilities(self) -> Multilabel:
         if not self.values:
             raise FieldError("values", "values must name at least one finding")
-        for value, p in self.values.items():
-            if not 0 < p <= 1:
-                raise FieldError(
-                    f"values.{value}", f"probability of '{value}' is {p}; it must be in (0, 1]"
-                )
         if self.none in self.values:
             raise FieldError("none", f"none value '{self.none}' is also listed in values")
         return self

@@ -10,6 +10,7 @@ import re
 from string import Formatter
 
 _FORMAT_SPEC = re.compile(r"[<>=^+\- #0-9,_.a-zA-Z%]*")
+MAX_FORMAT_WIDTH = 100  # a width or precision beyond this only pads the prompt past the encoder
 
 
 def template_fields(template: str) -> list[str]:
@@ -28,6 +29,10 @@ def template_fields(template: str) -> list[str]:
             )
         if conversion or (format_spec and not _FORMAT_SPEC.fullmatch(format_spec)):
             raise ValueError(f"prompt field '{{{field}}}' may only carry a plain format spec")
+        if any(int(number) > MAX_FORMAT_WIDTH for number in re.findall(r"[0-9]+", format_spec)):
+            raise ValueError(
+                f"prompt field '{{{field}}}' asks a width or precision over {MAX_FORMAT_WIDTH}"
+            )
         names.append(field)
     return names
 

@@ -25,19 +25,19 @@ Everything here is pure: the rules judge numbers; loading and running models is 
 
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict
 
 from synthgen.errors import FieldError
-from synthgen.recipe.conditional import LabelSpec, bin_label
+from synthgen.recipe.conditional import LabelSpec, bin_label, check_bins
 from synthgen.recipe.joint import family, leaf
 from synthgen.recipe.labels import LabelValue
+from synthgen.recipe.numbers import MAX_MAGNITUDE, Flag, LabelNumber, Probability, integer, real
 
 MODEL_PREFIXES = ("torchscript:", "torchvision:", "timm:", "xrv:")
 # What a named architecture expects when the recipe does not say (a program file: unit, RGB).
@@ -46,6 +46,7 @@ KNOWN_PREPROCESS = {
     "timm:": {"size": 224, "grayscale": False, "normalise": "imagenet"},
     "xrv:": {"size": 224, "grayscale": True, "normalise": "xrv"},
 }
+Column = integer(ge=0, le=1_000_000)  # an index into a model's output vector
 COLUMN_PREFIX = "quality_"  # every per-sample column and tar JSON key the gate adds
 
 
@@ -57,8 +58,8 @@ class Preprocess(_Strict):
     """What the model is fed: a size × size image (bilinear, antialiased), one channel (luma) or
     three, as float in [0, 1] (`unit`), ImageNet-standardised, or TorchXRayVision's [-1024, 1024]."""
 
-    size: int = Field(224, ge=8, le=4096)
-    grayscale: bool = False
+    size: integer(ge=8, le=4096) = 224
+    grayscale: Flag = False
     normalise: Literal["unit", "imagenet", "xrv"] = "unit"
 
 
@@ -66,9 +67,11 @@ class LabelRule(_Strict):
     """How one label is read from a model's outputs and when it passes; which fields apply
     depends on the label's kind (checked against the recipe's labels)."""
 
-    columns: int | dict[str, int] | None = None  # numeric: one column; else class/finding -> column
-    tolerance: float | None = Field(None, ge=0, allow_inf_nan=False)  # numeric
-    threshold: float | dict[str, float] | None = None  # categorical: p(asked); multilabel: present
+    columns: Column | dict[str, Column] | None = None  # numeric: one; else class/finding -> column
+    tolerance: real(ge=0, le=MAX_MAGNITUDE) | None = None  # numeric
+    threshold: Probability | dict[str, Probability] | None = (
+        None  # categorical: p(asked); multilabel: present
+    )
     activation: Literal["softmax", "sigmoid", "none"] | None = None  # default by kind
 
 
@@ -88,13 +91,13 @@ class CheckConfig(_Strict):
 
 class QualityConfig(_Strict):
     checks: dict[str, CheckConfig]
-    max_attempts: int = Field(3, ge=1, le=1000)
+    max_attempts: integer(ge=1, le=1000) = 3
     on_fail: Literal["drop", "keep", "fail"] = "drop"
     # With balance quotas and on_fail drop: how many times a sample whose attempts all failed is
     # replaced by a new draw of its cell (another max_attempts each) before its shard fails.
-    replacements: int = Field(5, ge=0, le=1000)
+    replacements: integer(ge=0, le=1000) = 5
     by: list[str] | None = None  # acceptance table cells; default: the balance's, else checked
-    bins: dict[str, list[tuple[float, float]]] = {}  # numeric labels in `by`
+    bins: dict[str, list[tuple[LabelNumber, LabelNumber]]] = {}  # numeric labels in `by`
 
     def attempt_limit(self, balanced: bool) -> int:
         """Attempts a sample may use in all (a balanced drop replaces instead of dropping)."""
@@ -273,7 +276,7 @@ def _bind_numeric(label: str, rule: LabelRule, where: str, start: int) -> BoundR
         if getattr(rule, field) is not None:
             raise FieldError(f"{where}.{field}", f"a numeric label takes a tolerance, not {field}")
     column = start if rule.columns is None else rule.columns
-    if not isinstance(column, int) or isinstance(column, bool) or column < 0:
+    if not isinstance(column, int):
         raise FieldError(f"{where}.columns", "a numeric label reads one column: a number ≥ 0")
     return BoundRule(label, "numeric", (), (column,), "none", None, rule.tolerance)
 
@@ -285,13 +288,11 @@ def _named_columns(
         return tuple(range(start, start + len(names))), names
     if not isinstance(rule.columns, dict):
         raise FieldError(f"{where}.columns", f"a {kind} label maps each value to its column")
-    for name, column in rule.columns.items():
+    for name in rule.columns:
         if name not in names:
             raise FieldError(
                 f"{where}.columns.{name}", f"'{name}' is not one of {', '.join(names)}"
             )
-        if column < 0:
-            raise FieldError(f"{where}.columns.{name}", "a column is a number ≥ 0")
     if kind == "categorical":
         missing = [name for name in names if name not in rule.columns]
         if missing:
@@ -311,7 +312,6 @@ def _thresholds(
             raise FieldError(f"{where}.threshold", "a categorical label takes one threshold")
         if value is None:
             return None
-        _check_probability(value, f"{where}.threshold")
         return (value,)
     if isinstance(value, dict):
         for name in value:
@@ -320,14 +320,7 @@ def _thresholds(
         values = tuple(value.get(name, 0.5) for name in names)
     else:
         values = (0.5 if value is None else value,) * len(names)
-    for name, threshold in zip(names, values):
-        _check_probability(threshold, f"{where}.threshold.{name}")
     return values
-
-
-def _check_probability(value: float, where: str) -> None:
-    if not (math.isfinite(value) and 0 < value <= 1):
-        raise FieldError(where, f"a threshold is a probability in (0, 1], not {value:g}")
 
 
 # --- acceptance-table cells ------------------------------------------------------------------------
@@ -383,9 +376,10 @@ def grouping(
         checked = dict.fromkeys(label for c in quality.checks.values() for label in c.labels)
         names = [n for n in checked if n in labels and family(labels[n]) != "numeric"]
         where = "quality.by"
-    for name in quality.bins:
+    for name, edges in quality.bins.items():
         if name not in names:
             raise FieldError(f"quality.bins.{name}", f"'{name}' is not in {where}")
+        check_bins(edges, f"quality.bins.{name}", contiguous=False)
     specs, cuts = [], []
     for name in names:
         if name not in labels:

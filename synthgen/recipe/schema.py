@@ -27,10 +27,12 @@ from pydantic import (
 
 from synthgen.errors import FieldError, RecipeError
 from synthgen.recipe.balance import BalanceConfig, Cell, quota_cells
-from synthgen.recipe.conditional import LABEL_TAGS, LabelSpec
+from synthgen.recipe.conditional import LabelSpec
 from synthgen.recipe.joint import LabelModel
+from synthgen.recipe.numbers import MAX_SAMPLES, MAX_SHARDS, Flag, Probability, integer, real
 from synthgen.recipe.prompts import render_prompt, template_fields
 from synthgen.recipe.quality import QualityConfig, bind_checks, grouping
+from synthgen.recipe.recipe_yaml import YamlProblem, load_yaml
 
 REDACTED = "<redacted: protected path>"
 PRESETS = ("tiny", "sd14-random")  # built-in models, made offline in synthgen.render.pipeline
@@ -59,9 +61,9 @@ class LoraConfig(Strict):
 
     path: str
     weight_name: str | None = None
-    scale: float = 1.0
-    alpha: float | None = Field(None, gt=0, allow_inf_nan=False, strict=True)
-    allow_partial: bool = Field(False, strict=True)
+    scale: real(ge=-10, le=10) = 1.0  # far outside [-2, 2] an adapter only wrecks the image
+    alpha: real(gt=0, le=1e6) | None = None
+    allow_partial: Flag = False
 
 
 class ModelConfig(Strict):
@@ -70,19 +72,19 @@ class ModelConfig(Strict):
     lora: LoraConfig | None = None
     scheduler: Literal["ddim", "pndm", "euler", "dpm"] = "ddim"
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
-    compile: bool = False  # torch.compile the UNet: pays off over hundreds of images on a GPU
+    compile: Flag = False  # torch.compile the UNet: pays off over hundreds of images on a GPU
 
 
 class GenerationConfig(Strict):
     mode: Literal["t2i", "i2i"] = "t2i"
-    strength: float | list[float] | None = None
-    repeats: int = Field(1, ge=1, le=100)
-    steps: int = Field(50, ge=1, le=1000)
-    guidance_scale: float = Field(7.5, ge=0)
+    strength: Probability | list[Probability] | None = None
+    repeats: integer(ge=1, le=100) = 1
+    steps: integer(ge=1, le=1000) = 50
+    guidance_scale: real(ge=0, le=100) = 7.5
     negative_prompt: str | None = None
-    height: int = Field(512, ge=8, le=4096, multiple_of=8)
-    width: int = Field(512, ge=8, le=4096, multiple_of=8)
-    batch_size: int = Field(8, ge=1, le=1024)
+    height: integer(ge=8, le=4096, multiple_of=8) = 512
+    width: integer(ge=8, le=4096, multiple_of=8) = 512
+    batch_size: integer(ge=1, le=1024) = 8
 
     @model_validator(mode="after")
     def _strengths(self) -> GenerationConfig:
@@ -111,7 +113,7 @@ class GenerationConfig(Strict):
 
 
 class PreprocessConfig(Strict):
-    size: int = Field(512, ge=8, le=4096, multiple_of=8)
+    size: integer(ge=8, le=4096, multiple_of=8) = 512
     fit: Literal["center_crop", "pad", "resize"] = "center_crop"
 
 
@@ -130,7 +132,7 @@ class SourceConfig(Strict):
     labels: dict[str, str] = {}
     preprocess: PreprocessConfig = PreprocessConfig()
     on_error: Literal["fail", "skip"] = "fail"
-    max_rows: int | None = Field(None, ge=1)
+    max_rows: integer(ge=1, le=MAX_SAMPLES) | None = None
 
     @model_serializer(mode="wrap")
     def _without_unset_images_root(self, handler: Callable[[Any], dict]) -> dict:
@@ -154,10 +156,10 @@ class PrivacyConfig(Strict):
 
 class OutputConfig(Strict):
     formats: list[Literal["webdataset", "parquet"]] = ["webdataset", "parquet"]
-    grayscale: bool = False
+    grayscale: Flag = False
     image_format: Literal["png", "jpg", "webp"] = "png"
-    jpeg_quality: int = Field(95, ge=1, le=100)
-    png_compress_level: int = Field(1, ge=0, le=9)
+    jpeg_quality: integer(ge=1, le=100) = 95
+    png_compress_level: integer(ge=0, le=9) = 1
 
     @field_validator("formats")
     @classmethod
@@ -171,10 +173,10 @@ class Recipe(Strict):
     name: Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9_-]*$", max_length=64)]
     description: str = ""
     license: str = "cc-by-4.0"
-    seed: int = Field(0, ge=0, lt=2**63)
-    num_samples: int | None = Field(None, ge=1)
-    shard_size: int = Field(1000, ge=1)
-    splits: dict[str, float] = {"train": 1.0}
+    seed: integer(ge=0, lt=2**63) = 0
+    num_samples: integer(ge=1, le=MAX_SAMPLES) | None = None
+    shard_size: integer(ge=1, le=MAX_SAMPLES) = 1000
+    splits: dict[str, Probability] = {"train": 1.0}
     model: ModelConfig = ModelConfig()
     generation: GenerationConfig = GenerationConfig()
     prompt: str
@@ -191,11 +193,11 @@ class Recipe(Strict):
     def _valid_splits(cls, splits: dict[str, float]) -> dict[str, float]:
         if not splits:
             raise ValueError("at least one split is needed")
-        for split, share in splits.items():
+        for split in splits:
             if not re.fullmatch(r"[a-z][a-z0-9_]*", split):
                 raise ValueError(f"split name '{split}' must be lowercase letters, digits, _")
-            if share <= 0:
-                raise ValueError(f"split '{split}' has share {share}; shares must be positive")
+            if split == "all":  # datasets.Split.ALL: load_dataset(split="all") is every split
+                raise ValueError("split name 'all' is reserved by datasets for all splits together")
         total = sum(splits.values())
         if abs(total - 1.0) > 1e-6:
             raise ValueError(f"split shares add up to {total:g}, not 1")
@@ -269,6 +271,18 @@ class Recipe(Strict):
             balance = self.balance
             grouping(self.quality, self.labels, balance.by if balance else (),
                      balance.bins if balance else None)  # fmt: skip
+        return self
+
+    @model_validator(mode="after")
+    def _sizes_fit(self) -> Recipe:
+        if self.generation.mode == "t2i":
+            shards = -(-self.sample_count() // self.shard_size) + len(self.splits) - 1
+            if shards > MAX_SHARDS:
+                raise FieldError(
+                    "shard_size",
+                    f"{self.sample_count()} samples in shards of {self.shard_size} make up to "
+                    f"{shards} shards; at most {MAX_SHARDS}: raise shard_size",
+                )
         return self
 
     def cells(self) -> list[Cell]:
@@ -365,12 +379,43 @@ class Recipe(Strict):
         return self.model_copy(update=changes)
 
 
-def _field_path(loc: tuple[Any, ...]) -> str:
-    # pydantic puts the union's tag in the location (labels.age.normal.std); users wrote labels.age.std
-    parts = [str(part) for part in loc]
-    if len(parts) > 2 and parts[0] == "labels" and parts[2] in LABEL_TAGS:
-        del parts[2]
-    return ".".join(parts)
+def _field_path(error: Any, data: Any) -> list[str]:
+    """The path the user wrote: pydantic's location also names union members (`normal`,
+    `function-after[…]`, `int`, `dict[str,…]`), which are not keys of the data and are dropped;
+    a missing field keeps its name."""
+    parts: list[str] = []
+    loc = error["loc"]
+    for i, part in enumerate(loc):
+        if isinstance(data, dict) and part in data:
+            data = data[part]
+        elif isinstance(data, list) and isinstance(part, int) and 0 <= part < len(data):
+            data = data[part]
+        elif not (i == len(loc) - 1 and error["type"] == "missing" and isinstance(data, dict)):
+            continue
+        parts.append(str(part))
+    return parts
+
+
+def _first_error(errors: list[Any], data: Any) -> tuple[Any, list[str]]:
+    """The first error, or a deeper one under the same field: a union's first member often fails
+    on the type alone (`mean` is not a float) where a later one names the real problem
+    (`mean.base` is not finite)."""
+    paths = [_field_path(error, data) for error in errors]
+    first = paths[0]
+    best = max(
+        range(len(errors)), key=lambda i: (paths[i][: len(first)] == first, len(paths[i]), -i)
+    )
+    return errors[best], paths[best]
+
+
+def _message(error: Any) -> str:
+    if error["type"] == "extra_forbidden":
+        return "unknown field"
+    if error["type"] == "missing":
+        return "required field is missing"
+    if isinstance(error.get("input"), bool) and error["type"] in ("int_type", "float_type"):
+        return "a boolean (true/false) where a number goes"
+    return error["msg"].removeprefix("Value error, ")
 
 
 def recipe_from_dict(data: Any, file: str = "<recipe>") -> Recipe:
@@ -379,17 +424,12 @@ def recipe_from_dict(data: Any, file: str = "<recipe>") -> Recipe:
     try:
         return Recipe.model_validate(data)
     except ValidationError as exc:
-        error = exc.errors()[0]
-        where = _field_path(error["loc"]) or None
+        error, parts = _first_error(exc.errors(), data)
+        where = ".".join(parts) or None
         cause = error.get("ctx", {}).get("error")
         if isinstance(cause, FieldError):
             where = f"{where}.{cause.field}" if where else cause.field
-        message = error["msg"].removeprefix("Value error, ")
-        if error["type"] == "extra_forbidden":
-            message = "unknown field"
-        elif error["type"] == "missing":
-            message = "required field is missing"
-        raise RecipeError(message, file=file, where=where) from None
+        raise RecipeError(_message(error), file=file, where=where) from None
 
 
 def load_recipe(path: str | Path, num_samples: int | None = None) -> Recipe:
@@ -405,7 +445,9 @@ def load_recipe(path: str | Path, num_samples: int | None = None) -> Recipe:
             f"cannot read the file ({exc.__class__.__name__})", file=str(path)
         ) from None
     try:
-        data = yaml.safe_load(text)
+        data = load_yaml(text)
+    except YamlProblem as exc:
+        raise RecipeError(str(exc), file=str(path), where=f"line {exc.line}") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}" if mark else None
