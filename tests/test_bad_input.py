@@ -274,3 +274,25 @@ def test_yaml_means_what_it_says(tmp_path):
         run_cli("validate", str(path)).stdout.split("sha256 ")[1][:12] for path in (plain, octal)
     ]
     assert sha[0] == sha[1]
+
+
+GENERATE_TOO = [
+    s
+    for s in STRUCTURAL
+    if s[0]
+    in ("guidance_scale .inf", "lora.scale .nan", "fewer samples than splits", "10^8 shards")
+]
+
+
+@pytest.mark.parametrize(
+    "fault, text, where, words", GENERATE_TOO, ids=[s[0] for s in GENERATE_TOO]
+)
+def test_generate_refuses_them_before_it_writes_anything(tmp_path, fault, text, where, words):
+    """The faults that used to run (black images, an empty split, shard tasks filling memory)
+    stop `generate` too, before OUT exists."""
+    out = tmp_path / "out"
+    result = run_cli("generate", str(_text(tmp_path, text)), "-o", str(out), check=False,
+                     timeout=120)  # fmt: skip
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert f"{where}: " in result.stderr and words in result.stderr
+    assert not out.exists()

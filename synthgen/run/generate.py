@@ -148,6 +148,8 @@ def generate(
     """
     execution = execution or Execution()
     check_rank(execution)
+    if recipe.generation.mode == "t2i":
+        build_plan(recipe)  # what the plan refuses (a split left empty) leaves no OUT behind
     out = writable_out(out_url)
     record = read_run_record(out)
     if record is None:  # read-only, before the lease writes anything into a folder not ours
