@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import get_args
 
 import pytest
 from conftest import LAUNCHER_VARS, i2i_recipe, run_cli, small_recipe, write_recipe
 
 from synthgen.cohort.demo import make_cohort
 from synthgen.errors import OptionError
+from synthgen.recipe.schedulers import MIN_STEPS
+from synthgen.recipe.schema import ModelConfig
 from synthgen.run.launch import parse_devices
 
 
@@ -158,3 +161,44 @@ def test_sample_refuses_a_start_past_the_end_of_an_i2i_cohort(i2i):
     assert line.startswith("error: --start: ") and "8 samples" in line, line
     last = run_cli("sample", str(i2i), "--start", "7", "-n", "5")
     assert len(last.stdout.splitlines()) == 1  # a count past the end stops at the end
+
+
+# --- 2. scheduler limits -------------------------------------------------------------------------
+
+
+def test_every_scheduler_a_recipe_may_name_has_a_minimum():
+    assert set(MIN_STEPS) == set(get_args(ModelConfig.model_fields["scheduler"].annotation))
+
+
+@pytest.mark.parametrize("scheduler", sorted(MIN_STEPS))
+def test_steps_below_a_schedulers_minimum_are_refused_at_validation(tmp_path, scheduler):
+    least = MIN_STEPS[scheduler]
+    recipe = small_recipe(model={"base": "tiny", "scheduler": scheduler})
+    recipe["generation"]["steps"] = least - 1
+    line = refusal("validate", str(write_recipe(tmp_path / "few.yaml", recipe)))
+    assert "generation.steps" in line, line
+    if least > 1:  # below 1 the field's own bound speaks first
+        assert f"scheduler {scheduler} needs at least {least} steps" in line, line
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("scheduler", sorted(MIN_STEPS))
+def test_a_scheduler_renders_at_its_minimum_steps(tmp_path, scheduler):
+    recipe = small_recipe(model={"base": "tiny", "scheduler": scheduler}, num_samples=1)
+    recipe["generation"].update(steps=MIN_STEPS[scheduler], height=64, width=64)
+    path = write_recipe(tmp_path / "least.yaml", recipe)
+    result = run_cli("generate", str(path), "-o", str(tmp_path / "out"), "--devices", "cpu",
+                     env=clean_env())  # fmt: skip
+    assert "wrote 1 samples" in result.stdout, result.stderr
+
+
+@pytest.mark.slow
+def test_i2i_renders_one_denoising_step_at_pndms_minimum(tmp_path):
+    """img2img runs int(steps × strength) of the scheduler's steps: 1 of pndm's 4 is enough."""
+    recipe = i2i_recipe(make_cohort(tmp_path / "cohort", rows=1), tmp_path / "linkage.csv",
+                        steps=MIN_STEPS["pndm"], strength=0.25)  # fmt: skip
+    recipe["model"]["scheduler"] = "pndm"
+    path = write_recipe(tmp_path / "i2i.yaml", recipe)
+    result = run_cli("generate", str(path), "-o", str(tmp_path / "out"), "--devices", "cpu",
+                     env=clean_env())  # fmt: skip
+    assert "wrote 1 samples" in result.stdout, result.stderr
