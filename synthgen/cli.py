@@ -72,6 +72,10 @@ def validate(recipe: Path) -> None:
         click.echo(f"warning: {warning}", err=True)
     for line in check_quality_models(loaded):
         click.echo(f"quality: {line}")
+    fit = prompt_fit_of(loaded)
+    if fit is None:
+        click.echo("prompt: not checked against the text encoder's limit (no tokenizer here)")
+    warn_if_cut(fit)
     plan = build_plan(loaded, check_images=True)
     detail = f"{plan.total} samples in {len(plan.tasks)} shards"
     if plan.cohort is not None:
@@ -98,6 +102,27 @@ def check_quality_models(recipe) -> list[str]:
     ]
 
 
+def prompt_fit_of(recipe):
+    """How the recipe's longest prompt fits the text encoder; None if the model's tokenizer is
+    not on this machine (a Hub model not downloaded yet)."""
+    from synthgen.recipe.prompt_length import prompt_fit
+    from synthgen.render.prompt_tokenizer import token_counter
+
+    counter = token_counter(recipe.model)
+    return None if counter is None else prompt_fit(recipe.prompt, recipe.labels, *counter)
+
+
+def warn_if_cut(fit) -> None:
+    """A warning, not an error: a cut is diffusers' normal behaviour and may be meant (text at
+    the end that can go), and whether it can be checked depends on the machine's cache."""
+    if fit is not None and fit.cut:
+        click.echo(
+            f"warning: prompt: can be {fit.tokens} tokens, but the text encoder reads {fit.budget}"
+            f" and diffusers drops the rest; labels past the cut: {', '.join(fit.cut)}",
+            err=True,
+        )
+
+
 @main.command()
 @click.argument("recipe", type=click.Path(dir_okay=False, path_type=Path))
 @click.option(
@@ -115,6 +140,7 @@ def sample(recipe: Path, count: int, start: int) -> None:
     from synthgen.run.planning import build_plan
 
     loaded = load_recipe(recipe)
+    warn_if_cut(prompt_fit_of(loaded))
     plan = build_plan(loaded, check_images=False)
     indices = sample_indices(loaded.generation.mode, plan.total, start, count)
     for spec in (plan.spec(index) for index in indices):

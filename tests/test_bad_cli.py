@@ -9,6 +9,7 @@ exactly that shape and nothing more.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import get_args
 
@@ -19,6 +20,7 @@ from synthgen.cohort.demo import make_cohort
 from synthgen.errors import OptionError
 from synthgen.recipe.schedulers import MIN_STEPS
 from synthgen.recipe.schema import ModelConfig
+from synthgen.render.prompt_tokenizer import byte_level_tokenizer, prompt_tokenizer
 from synthgen.run.launch import parse_devices
 
 
@@ -202,3 +204,50 @@ def test_i2i_renders_one_denoising_step_at_pndms_minimum(tmp_path):
     result = run_cli("generate", str(path), "-o", str(tmp_path / "out"), "--devices", "cpu",
                      env=clean_env())  # fmt: skip
     assert "wrote 1 samples" in result.stdout, result.stderr
+
+
+# --- 3. prompts longer than the text encoder reads -----------------------------------------------
+
+LONG_VIEW = "a" * 50  # the tiny model's byte-level tokenizer: one token per letter
+PAST_CUT = re.compile(r"labels past the cut: (.+)$")
+
+
+def long_prompt_recipe() -> dict:
+    """50 + 6 (female) + 4 (aged) + 2 (age) = 62 tokens fit the 75 the encoder reads after its
+    start token; "showing" and the widest findings ("drusen, hemorrhage") pass 75."""
+    recipe = small_recipe(prompt="{view} {sex} aged {age} showing {findings} {laterality}")
+    recipe["labels"] = {"view": {"dist": "categorical", "values": {LONG_VIEW: 0.1, "pa": 0.9}},
+                        **recipe["labels"]}  # fmt: skip
+    return recipe
+
+
+@pytest.mark.parametrize("command", ["validate", "sample"])
+def test_labels_a_long_prompt_can_push_past_the_cut_are_named(tmp_path, command):
+    path = write_recipe(tmp_path / "long.yaml", long_prompt_recipe())
+    result = run_cli(command, str(path))
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("warning: prompt")]
+    assert len(warnings) == 1, result.stderr
+    assert PAST_CUT.search(warnings[0]).group(1) == "findings, laterality", warnings[0]
+
+
+@pytest.mark.parametrize("command", ["validate", "sample"])
+def test_a_short_prompt_gets_no_warning(recipe, command):
+    result = run_cli(command, str(recipe))
+    assert "warning" not in result.stderr, result.stderr
+
+
+def test_the_tokenizer_is_a_local_pipelines_own_and_never_an_empty_stand_in(tmp_path):
+    """Given a folder without a tokenizer's files, CLIPTokenizer makes an empty one (2 tokens,
+    no length) instead of failing: such a model is left unchecked."""
+    byte_level_tokenizer()[0].save_pretrained(tmp_path / "pipe" / "tokenizer")
+    found = prompt_tokenizer(ModelConfig(base=str(tmp_path / "pipe")))
+    assert found is not None and found.model_max_length == 77 and found.vocab_size == 514
+    (tmp_path / "bare").mkdir()
+    assert prompt_tokenizer(ModelConfig(base=str(tmp_path / "bare"))) is None
+    assert prompt_tokenizer(ModelConfig(base="nobody/not-in-the-cache")) is None
+
+
+def test_validate_says_when_the_prompt_length_could_not_be_checked(tmp_path):
+    recipe = small_recipe(model={"base": "nobody/not-in-the-cache"})
+    result = run_cli("validate", str(write_recipe(tmp_path / "hub.yaml", recipe)))
+    assert "prompt: not checked against the text encoder's limit" in result.stdout, result.stdout
