@@ -11,7 +11,7 @@ from pathlib import Path
 import click
 
 from synthgen import __version__
-from synthgen.errors import SynthgenError
+from synthgen.errors import OptionError, SynthgenError
 
 
 def user_errors(command):
@@ -22,7 +22,7 @@ def user_errors(command):
         try:
             return command(*args, **kwargs)
         except SynthgenError as exc:
-            if exc.file is None and kwargs.get("recipe") is not None:
+            if exc.file is None and not isinstance(exc, OptionError) and kwargs.get("recipe"):
                 exc.file = str(kwargs["recipe"])
             click.echo(f"error: {exc.describe()}", err=True)
             sys.exit(2)
@@ -72,6 +72,10 @@ def validate(recipe: Path) -> None:
         click.echo(f"warning: {warning}", err=True)
     for line in check_quality_models(loaded):
         click.echo(f"quality: {line}")
+    fit = prompt_fit_of(loaded)
+    if fit is None:
+        click.echo("prompt: not checked against the text encoder's limit (no tokenizer here)")
+    warn_if_cut(fit)
     plan = build_plan(loaded, check_images=True)
     detail = f"{plan.total} samples in {len(plan.tasks)} shards"
     if plan.cohort is not None:
@@ -98,10 +102,37 @@ def check_quality_models(recipe) -> list[str]:
     ]
 
 
+def prompt_fit_of(recipe):
+    """How the recipe's longest prompt fits the text encoder; None if the model's tokenizer is
+    not on this machine (a Hub model not downloaded yet)."""
+    from synthgen.recipe.prompt_length import prompt_fit
+    from synthgen.render.prompt_tokenizer import token_counter
+
+    counter = token_counter(recipe.model)
+    return None if counter is None else prompt_fit(recipe.prompt, recipe.labels, *counter)
+
+
+def warn_if_cut(fit) -> None:
+    """A warning, not an error: a cut is diffusers' normal behaviour and may be meant (text at
+    the end that can go), and whether it can be checked depends on the machine's cache."""
+    if fit is not None and fit.cut:
+        click.echo(
+            f"warning: prompt: can be {fit.tokens} tokens, but the text encoder reads {fit.budget}"
+            f" and diffusers drops the rest; labels past the cut: {', '.join(fit.cut)}",
+            err=True,
+        )
+
+
 @main.command()
 @click.argument("recipe", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("-n", "--num", "count", default=10, show_default=True, help="How many samples.")
-@click.option("--start", default=0, show_default=True, help="Index of the first sample.")
+@click.option(
+    "-n", "--num", "count", default=10, show_default=True, type=click.IntRange(min=1),
+    help="How many samples.",
+)  # fmt: skip
+@click.option(
+    "--start", default=0, show_default=True, type=click.IntRange(min=0),
+    help="Index of the first sample.",
+)  # fmt: skip
 @user_errors
 def sample(recipe: Path, count: int, start: int) -> None:
     """Print samples' keys, labels and prompts as JSON lines, without rendering."""
@@ -109,9 +140,10 @@ def sample(recipe: Path, count: int, start: int) -> None:
     from synthgen.run.planning import build_plan
 
     loaded = load_recipe(recipe)
+    warn_if_cut(prompt_fit_of(loaded))
     plan = build_plan(loaded, check_images=False)
-    stop = start + count if loaded.generation.mode == "t2i" else min(start + count, plan.total)
-    for spec in (plan.spec(index) for index in range(start, stop)):
+    indices = sample_indices(loaded.generation.mode, plan.total, start, count)
+    for spec in (plan.spec(index) for index in indices):
         line = {"index": spec.index, "key": spec.key, "split": spec.split, "labels": spec.labels,
                 "prompt": spec.prompt}  # fmt: skip
         if spec.strength is not None:
@@ -119,6 +151,15 @@ def sample(recipe: Path, count: int, start: int) -> None:
         if spec.cell is not None:
             line["cell"] = spec.cell
         click.echo(json.dumps(line))
+
+
+def sample_indices(mode: str, total: int, start: int, count: int) -> range:
+    """What `sample` prints: a t2i corpus has every index; a cohort's samples end at `total`."""
+    if mode == "t2i":
+        return range(start, start + count)
+    if start >= total:
+        raise OptionError(f"is past the end: the cohort makes {total} samples", where="--start")
+    return range(start, min(start + count, total))
 
 
 @main.command()
@@ -139,8 +180,11 @@ def sample(recipe: Path, count: int, start: int) -> None:
 @click.option("--workers-per-device", default=1, show_default=True, type=click.IntRange(min=1))
 @click.option("--executor", type=click.Choice(["local", "ray"]), default="local", show_default=True)
 @click.option("--address", default=None, help="Ray cluster address (auto, ray://…).")
-@click.option("--rank", type=int, default=None, help="This process's rank (else RANK or SLURM).")
-@click.option("--world-size", type=int, default=None, help="Number of ranks.")
+@click.option(
+    "--rank", type=click.IntRange(min=0), default=None,
+    help="This process's rank (else RANK or SLURM).",
+)  # fmt: skip
+@click.option("--world-size", type=click.IntRange(min=1), default=None, help="Number of ranks.")
 @click.option("--max-retries", default=2, show_default=True, type=click.IntRange(min=0))
 @click.option("--overwrite", is_flag=True, help="Replace another recipe's data in OUT.")
 @click.option(
@@ -158,14 +202,14 @@ def generate(recipe, out, num_samples, devices, workers_per_device, executor, ad
     from synthgen.run.generate import generate as run
     from synthgen.run.launch import resolve_execution
 
+    execution = resolve_execution(
+        out, devices, workers_per_device, executor, address, rank, world_size, max_retries
+    )
     loaded = load_recipe(recipe, num_samples=num_samples)
     check_model_reference(loaded.model, file=str(recipe))
     for warning in inspect_lora(loaded.model)[1]:
         click.echo(f"warning: {warning}", err=True)
     check_quality_models(loaded)
-    execution = resolve_execution(
-        out, devices, workers_per_device, executor, address, rank, world_size, max_retries
-    )
     result = run(loaded, out, execution, overwrite=overwrite, verify=verify)
     if result.already_complete:
         click.echo(

@@ -36,6 +36,13 @@ class OutputError(SynthgenError):
     """The output directory holds something that must not be overwritten or is incomplete."""
 
 
+class OptionError(SynthgenError):
+    """A command-line option or a launcher's environment variable is wrong; `where` names it.
+
+    No file is at fault, so the CLI never prefixes the recipe's path.
+    """
+
+
 class FieldError(ValueError):
     """Raised inside a pydantic model validator to name the field at fault (`std`, not the label)."""
 

@@ -44,6 +44,18 @@ def small_recipe(**changes) -> dict:
     return recipe
 
 
+def i2i_recipe(cohort: Path, linkage: Path, **generation) -> dict:
+    """The i2i demo recipe over `cohort` at 4 steps and strength 0.5 (`generation` overrides)."""
+    recipe = yaml.safe_load((ROOT / "recipes" / "demo-i2i.yaml").read_text())
+    recipe["name"] = "deid"
+    recipe["shard_size"] = 6
+    recipe["source"]["manifest"] = str(cohort)
+    recipe["source"]["on_error"] = "fail"
+    recipe["privacy"]["linkage"] = str(linkage)
+    recipe["generation"].update({"steps": 4, "batch_size": 4, "strength": 0.5, **generation})
+    return recipe
+
+
 def write_recipe(path: Path, recipe: dict) -> Path:
     path.write_text(yaml.safe_dump(recipe, sort_keys=False))
     return path

@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 import webdataset as wds
 import yaml
-from conftest import ROOT, run_cli, write_recipe
+from conftest import ROOT, i2i_recipe, run_cli, write_recipe
 
 from synthgen.cohort.demo import make_cohort, write_table
 from synthgen.cohort.rows import Cohort, load_cohort
@@ -24,17 +24,6 @@ from synthgen.recipe.schema import load_recipe
 from synthgen.run.generate import generate
 
 MARKER = "ZQXSENTINEL42"
-
-
-def i2i_recipe(cohort: Path, linkage: Path, **generation) -> dict:
-    recipe = yaml.safe_load((ROOT / "recipes" / "demo-i2i.yaml").read_text())
-    recipe["name"] = "deid"
-    recipe["shard_size"] = 6
-    recipe["source"]["manifest"] = str(cohort)
-    recipe["source"]["on_error"] = "fail"
-    recipe["privacy"]["linkage"] = str(linkage)
-    recipe["generation"].update({"steps": 4, "batch_size": 4, "strength": 0.5, **generation})
-    return recipe
 
 
 @pytest.fixture(scope="module")

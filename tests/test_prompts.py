@@ -10,6 +10,7 @@ import yaml
 
 from synthgen.errors import RecipeError
 from synthgen.plan import Plan, prompt_values
+from synthgen.recipe.prompt_length import prompt_fit
 from synthgen.recipe.prompts import render_prompt, template_fields
 from synthgen.recipe.schema import recipe_from_dict
 
@@ -113,3 +114,42 @@ def test_a_format_spec_the_label_cannot_take_is_rejected_at_validation(template)
     with pytest.raises(RecipeError, match="prompt"):
         recipe = recipe_from_dict(demo_with(template))
         Plan(recipe, 0, "train")  # if validation let it through, it must render
+
+
+# --- prompt_fit: the longest prompt and the labels past the text encoder's cut ----------------
+
+
+def characters(text: str) -> int:
+    """A stand-in tokenizer: one token per character that is not a space."""
+    return len(text.replace(" ", ""))
+
+
+def test_the_longest_prompt_takes_each_labels_widest_text():
+    findings = {"dist": "multilabel", "values": {"a": 0.5, "bbb": 0.5, "cc": 0.5},
+                "max_labels": 2, "none": "none", "join": "+"}  # fmt: skip
+    sbp = {"dist": "uniform", "min": -5, "max": 3, "dtype": "float"}
+    recipe = recipe_from_dict(
+        demo_with("{laterality} {age:05d} {sbp} {sbp:.1f} {findings}", findings=findings, sbp=sbp)
+    )
+    fit = prompt_fit(recipe.prompt, recipe.labels, characters, budget=1000)
+    # right, 00075, -4.999999999999999 (the widest float repr inside [-5, 3]), -5.0, bbb+cc
+    assert fit.tokens == 5 + 5 + 18 + 4 + 6 and fit.cut == ()
+
+
+def test_labels_whose_text_ends_past_the_budget_are_cut_in_template_order():
+    recipe = recipe_from_dict(demo_with("{sex} {laterality} {age} {sex}"))
+    # female (6), right (5): 11 tokens; age 75 ends at 13; sex again at 19
+    assert prompt_fit(recipe.prompt, recipe.labels, characters, budget=13).cut == ("sex",)
+    assert prompt_fit(recipe.prompt, recipe.labels, characters, budget=12).cut == ("age", "sex")
+    assert prompt_fit(recipe.prompt, recipe.labels, characters, budget=19).cut == ()
+
+
+def test_an_open_normal_reaches_four_std_and_a_conditional_every_case():
+    age = {"dist": "normal", "mean": 50, "std": 30, "dtype": "int"}  # 50 - 120 = -70
+    up_to = {"male": 9, "female": 12345}
+    cases = {
+        sex: {"dist": "uniform", "min": 0, "max": top, "dtype": "int"} for sex, top in up_to.items()
+    }
+    sbp = {"given": "sex", "cases": cases}
+    recipe = recipe_from_dict(demo_with("{age} {sbp}", age=age, sbp=sbp))
+    assert prompt_fit(recipe.prompt, recipe.labels, characters, budget=100).tokens == 3 + 5

@@ -140,6 +140,9 @@ class Conditional(BaseModel):
     def prompt_form(self, value: LabelValue) -> object:
         return self.first_case().prompt_form(value)
 
+    def widest_values(self) -> list[LabelValue]:
+        return [value for case in self._cases() for value in case.widest_values()]
+
     def to_stored(self, value: LabelValue) -> object:
         return self.first_case().to_stored(value)
 

@@ -134,6 +134,10 @@ class Categorical(_Label):
     def describe(self) -> str:
         return ", ".join(f"{v}: {p:.3g}" for v, p in self.probabilities().items())
 
+    def widest_values(self) -> list[LabelValue]:
+        """Values among which is the one with the longest prompt text (for the token limit)."""
+        return list(self.values)
+
     def check(self, value: object) -> str:
         # Messages here never quote the value: it is a cohort cell, and may be anything.
         if str(value) not in self.values:
@@ -211,6 +215,14 @@ class _Numeric(_Label):
 
     def encoding(self) -> LabelEncoding:
         return LabelEncoding("numeric")
+
+    def widest_values(self) -> list[LabelValue]:
+        """The ends of the range (a normal's open side: mean ± 4 std, where nearly all its mass
+        is) and, for floats, the numbers just inside them: their repr has the most digits."""
+        low, high = self.plot_range()
+        if self.dtype == "int":
+            return [math.ceil(low), math.floor(high)]
+        return [low, high, math.nextafter(low, high), math.nextafter(high, low)]
 
     def within(self, low: float, high: float) -> _Numeric:
         """This distribution restricted to [low, high]: a balance cell's bin (inclusive)."""
@@ -431,6 +443,9 @@ class Constant(_Label):
     def describe(self) -> str:
         return f"always {self.value}"
 
+    def widest_values(self) -> list[LabelValue]:
+        return [self.value]
+
     def check(self, value: object) -> int | float | str:
         if str(value) != str(self.value):
             raise ValueError(f"differs from the declared constant {self.value}")
@@ -491,6 +506,14 @@ class Multilabel(_Label):
 
     def caption(self, value: LabelValue) -> str:
         return value if isinstance(value, str) else self.as_text([str(f) for f in value])
+
+    def widest_values(self) -> list[LabelValue]:
+        """No finding, and the most a draw can hold: all, or the `max_labels` longest names."""
+        names = list(self.values)
+        if self.max_labels is not None:
+            longest = sorted(names, key=len, reverse=True)[: self.max_labels]
+            names = [name for name in names if name in longest]  # a draw keeps declared order
+        return [[], names]
 
     def describe(self) -> str:
         rates = ", ".join(f"{v}: {p:.3g}" for v, p in self.values.items())

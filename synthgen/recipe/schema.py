@@ -33,6 +33,7 @@ from synthgen.recipe.numbers import MAX_SAMPLES, MAX_SHARDS, Flag, Probability, 
 from synthgen.recipe.prompts import render_prompt, template_fields
 from synthgen.recipe.quality import QualityConfig, bind_checks, grouping
 from synthgen.recipe.recipe_yaml import YamlProblem, load_yaml
+from synthgen.recipe.schedulers import MIN_STEPS
 
 REDACTED = "<redacted: protected path>"
 PRESETS = ("tiny", "sd14-random")  # built-in models, made offline in synthgen.render.pipeline
@@ -246,6 +247,16 @@ class Recipe(Strict):
             extra = [name for name in self.labels_from.columns if name not in self.labels]
             if missing or extra:
                 raise FieldError("labels_from.columns", "must map exactly the declared labels")
+        return self
+
+    @model_validator(mode="after")
+    def _steps_fit_scheduler(self) -> Recipe:
+        least, steps = MIN_STEPS[self.model.scheduler], self.generation.steps
+        if steps < least:  # else every shard fails at render time
+            raise FieldError(
+                "generation.steps",
+                f"{steps} is too few: scheduler {self.model.scheduler} needs at least {least} steps",
+            )
         return self
 
     @model_validator(mode="after")

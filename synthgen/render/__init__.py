@@ -4,6 +4,7 @@ subpackage), device tuning, DDIM, the prompt cache, the batch renderer, and the 
 renders again what fails).
 
 May import `synthgen.plan`, `synthgen.recipe`, `synthgen.hashing`, `synthgen.weight_files` and
-`synthgen.errors`; knows nothing of OUT, processes or Ray. `model_files`, `presets` and
-`lora.layout`/`lora.base_modules`/`lora.fit` import no torch (validation uses them).
+`synthgen.errors`; knows nothing of OUT, processes or Ray. `model_files`, `presets`,
+`prompt_tokenizer` and `lora.layout`/`lora.base_modules`/`lora.fit` import no torch (validation
+uses them).
 """

@@ -8,7 +8,6 @@ with random weights (for speed work). Both go through the same LoRA, scheduler a
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from pathlib import Path
@@ -20,6 +19,7 @@ from synthgen.recipe.schema import PRESETS, ModelConfig
 from synthgen.render.lora.apply import AppliedLora, apply_lora
 from synthgen.render.model_files import check_pipeline_folder
 from synthgen.render.presets import BYTE_VOCAB, PRESET_CONFIGS
+from synthgen.render.prompt_tokenizer import byte_level_tokenizer
 
 _SD_SCHEDULER = dict(
     beta_start=0.00085,
@@ -53,32 +53,11 @@ def resolve_dtype(name: str, device: str) -> torch.dtype:
     return getattr(torch, name)
 
 
-def _byte_level_tokenizer(max_length: int = 77):
-    """A CLIP tokenizer over single bytes: no vocabulary download needed, any text encodes."""
-    from tokenizers.pre_tokenizers import ByteLevel
-    from transformers import CLIPTokenizer
-
-    alphabet = sorted(ByteLevel.alphabet())
-    tokens = alphabet + [c + "</w>" for c in alphabet] + ["<|startoftext|>", "<|endoftext|>"]
-    folder = _cache_dir() / "byte-level-clip-tokenizer"
-    if not (folder / "tokenizer_config.json").exists():
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}))
-        (folder / "merges.txt").write_text("#version: 0.2\n")
-        config = {"model_max_length": max_length, "tokenizer_class": "CLIPTokenizer"}
-        (folder / "tokenizer_config.json").write_text(json.dumps(config))
-    return CLIPTokenizer.from_pretrained(folder), len(tokens)
-
-
-def _cache_dir() -> Path:
-    return Path(os.environ.get("SYNTHGEN_CACHE", Path.home() / ".cache" / "synthgen"))
-
-
 def _preset_components(name: str) -> dict:
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    tokenizer, vocab = _byte_level_tokenizer()
+    tokenizer, vocab = byte_level_tokenizer()
     assert vocab == BYTE_VOCAB, "the preset text configs are sized for the byte-level tokenizer"
     preset = PRESET_CONFIGS[name]
     with torch.random.fork_rng(devices=[]):

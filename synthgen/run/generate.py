@@ -23,7 +23,7 @@ from synthgen.recipe.schema import Recipe
 from synthgen.run.claim import DamagedRecord, check_fresh, claim_output, read_run_record
 from synthgen.run.executors import make_executor, rank_share
 from synthgen.run.finalize import finalize
-from synthgen.run.launch import Execution
+from synthgen.run.launch import Execution, rank_in_world
 from synthgen.run.ownership import finalize_paths, own_paths
 from synthgen.run.planning import build_plan, plan_for_out
 from synthgen.run.worker import WorkerFactory
@@ -114,13 +114,10 @@ def progress_bar(total: int, initial: int = 0) -> tqdm:
 
 
 def check_rank(execution: Execution) -> None:
-    """A rank outside the world would render nothing and exit 0: refused."""
-    if execution.ranked and not 0 <= execution.rank < (execution.world_size or 0):
-        raise SynthgenError(
-            f"this process is rank {execution.rank} of a world of {execution.world_size}, so no "
-            "shard is its; check RANK and WORLD_SIZE (or SLURM_ARRAY_TASK_ID, _MIN and _COUNT)",
-            where="RANK",
-        )
+    """A rank outside the world would render nothing and exit 0: refused (the CLI checked its
+    options and variables already; this guards an Execution made in code)."""
+    if execution.ranked:
+        rank_in_world(execution.rank, execution.world_size or 0, "RANK", "WORLD_SIZE")
 
 
 def launch_id(execution: Execution, recipe: Recipe) -> str | None:
