@@ -186,7 +186,9 @@ def test_steps_below_a_schedulers_minimum_are_refused_at_validation(tmp_path, sc
 @pytest.mark.slow
 @pytest.mark.parametrize("scheduler", sorted(MIN_STEPS))
 def test_a_scheduler_renders_at_its_minimum_steps(tmp_path, scheduler):
-    recipe = small_recipe(model={"base": "tiny", "scheduler": scheduler}, num_samples=1)
+    recipe = small_recipe(
+        model={"base": "tiny", "scheduler": scheduler}, num_samples=1, splits={"train": 1.0}
+    )
     recipe["generation"].update(steps=MIN_STEPS[scheduler], height=64, width=64)
     path = write_recipe(tmp_path / "least.yaml", recipe)
     result = run_cli("generate", str(path), "-o", str(tmp_path / "out"), "--devices", "cpu",
