@@ -9,6 +9,7 @@ import shlex
 import subprocess
 import sys
 import zlib
+from collections.abc import Iterable, Sequence
 from importlib import metadata
 from pathlib import Path
 
@@ -78,6 +79,32 @@ def _fmt(value, digits: int = 3) -> str:
     return str(value)
 
 
+def _table(caption: str | None, columns: Sequence[str], rows: Iterable[Sequence]) -> list[str]:
+    """A markdown table after a blank line, under its caption if it has one."""
+    lines = ["", caption, ""] if caption else [""]
+    lines += ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    return lines + ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+
+
+def _model_row(r: dict) -> list[str]:
+    seed, ours = r["seed_loop"], r["synthgen"]
+    return [
+        r["case"], f"{r['model']} {r['dtype']}", f"{r['size']}²", r["steps"], _fmt(r["strength"]),
+        r["count"], r["batch_size"], _fmt(seed["images_per_s"]), _fmt(ours["images_per_s"]),
+        f"{_fmt(r['speedup'])}×", f"{_fmt(r['speedup_cpu_time'])}×", _fmt(seed.get("mfu")),
+        _fmt(ours.get("mfu")), _fmt(ours.get("non_model_share")),
+        _fmt(ours["compile_s"]) if r.get("compile") else "–",
+        _fmt(r.get("check", {}).get("max_abs_pixel_diff")),
+    ]  # fmt: skip
+
+
+def _split_row(r: dict, path: str) -> list[str]:
+    split = r[path]["s_per_image"]
+    marks = {name: "*" for name in r[path].get("overlapped", [])}
+    cells = [_fmt(split[name]) + marks.get(name, "") for name in SPLIT]
+    return [r["case"], path, *cells, _fmt(r[path]["cpu_s_per_image"])]
+
+
 def markdown(env: dict, results: list[dict]) -> str:
     """A BENCHMARKS.md section: where and how it ran, the headline table, the splits, PNG."""
     lines = [f"### {env['date']} — {env['device']}: {env.get('gpu', env['cpu'])}", ""]
@@ -89,39 +116,14 @@ def markdown(env: dict, results: list[dict]) -> str:
     lines.append("- " + ", ".join(f"{k} {v}" for k, v in env["versions"].items()))
     models = [r for r in results if r["case"] in ("t2i", "i2i")]
     if models:
-        lines += [
-            "",
-            "| case | model | size | steps | strength | images | batch | seed loop img/s "
-            "| synthgen img/s | speedup | speedup in CPU time | MFU seed | MFU synthgen "
-            "| non-model share synthgen | compile s | max abs px diff |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
-        ]
-        for r in models:
-            seed, ours = r["seed_loop"], r["synthgen"]
-            check = r.get("check", {}).get("max_abs_pixel_diff")
-            lines.append(
-                f"| {r['case']} | {r['model']} {r['dtype']} | {r['size']}² | {r['steps']} "
-                f"| {_fmt(r['strength'])} | {r['count']} | {r['batch_size']} "
-                f"| {_fmt(seed['images_per_s'])} | {_fmt(ours['images_per_s'])} "
-                f"| {_fmt(r['speedup'])}× | {_fmt(r['speedup_cpu_time'])}× "
-                f"| {_fmt(seed.get('mfu'))} | {_fmt(ours.get('mfu'))} "
-                f"| {_fmt(ours.get('non_model_share'))} "
-                f"| {_fmt(ours['compile_s']) if r.get('compile') else '–'} | {_fmt(check)} |"
-            )
-        lines += [
-            "",
-            "Seconds per image:",
-            "",
-            "| case | path | " + " | ".join(SPLIT) + " | CPU s |",
-            "|---|---|" + "---|" * (len(SPLIT) + 1),
-        ]
-        for r in models:
-            for path in ("seed_loop", "synthgen"):
-                split = r[path]["s_per_image"]
-                marks = {name: "*" for name in r[path].get("overlapped", [])}
-                cells = " | ".join(_fmt(split[name]) + marks.get(name, "") for name in SPLIT)
-                cpu = _fmt(r[path]["cpu_s_per_image"])
-                lines.append(f"| {r['case']} | {path} | {cells} | {cpu} |")
+        columns = [
+            "case", "model", "size", "steps", "strength", "images", "batch", "seed loop img/s",
+            "synthgen img/s", "speedup", "speedup in CPU time", "MFU seed", "MFU synthgen",
+            "non-model share synthgen", "compile s", "max abs px diff",
+        ]  # fmt: skip
+        lines += _table(None, columns, map(_model_row, models))
+        splits = [_split_row(r, path) for r in models for path in ("seed_loop", "synthgen")]
+        lines += _table("Seconds per image:", ["case", "path", *SPLIT, "CPU s"], splits)
         lines += [
             "",
             "\\* in synthgen's encoder and source-reader threads, overlapped with rendering; "
@@ -137,53 +139,33 @@ def markdown(env: dict, results: list[dict]) -> str:
             ]
         checked = [r for r in models if "check" in r]
         if checked:
-            lines += [
-                "",
+            keys = ("images", "max_abs_pixel_diff", "mean_abs_pixel_diff", "identical_images",
+                    "pixels_off_by_more_than_1")  # fmt: skip
+            lines += _table(
                 "Pixel agreement with the seed-style loop on the same per-sample seeds (0-255):",
-                "",
-                "| case | images | max abs diff | mean abs diff | identical images "
-                "| share of pixels off by > 1 |",
-                "|---|---|---|---|---|---|",
-            ]
-            for r in checked:
-                c = r["check"]
-                lines.append(
-                    f"| {r['case']} | {c['images']} | {c['max_abs_pixel_diff']} "
-                    f"| {c['mean_abs_pixel_diff']} | {c['identical_images']} "
-                    f"| {c['pixels_off_by_more_than_1']} |"
-                )
+                ["case", "images", "max abs diff", "mean abs diff", "identical images",
+                 "share of pixels off by > 1"],
+                ([r["case"], *(r["check"][key] for key in keys)] for r in checked),
+            )  # fmt: skip
     gates = [r for r in results if r["case"] == "gate"]
     if gates:
-        lines += [
-            "",
+        lines += _table(
             "Quality gate (a ResNet-18-shaped check judging every batch before it is encoded):",
-            "",
-            "| check input | images rendered | acceptance | render s/img | gate s/img "
-            "| gate / render | s on rejected images |",
-            "|---|---|---|---|---|---|---|",
-        ]
-        for r in gates:
-            lines.append(
-                f"| {r['input']}² | {r['images_rendered']} | {r['acceptance']} "
-                f"| {r['render_s_per_image']} | {r['gate_s_per_image']} "
-                f"| {r['gate_share_of_render']:.1%} | {r['rejected_s']} |"
-            )
+            ["check input", "images rendered", "acceptance", "render s/img", "gate s/img",
+             "gate / render", "s on rejected images"],
+            ([f"{r['input']}²", r["images_rendered"], r["acceptance"], r["render_s_per_image"],
+              r["gate_s_per_image"], f"{r['gate_share_of_render']:.1%}", r["rejected_s"]]
+             for r in gates),
+        )  # fmt: skip
     pngs = [r for r in results if r["case"] == "png"]
     if pngs:
         target = pngs[0]["target_per_core"]
-        lines += [
-            "",
+        lines += _table(
             f"PNG encoding, {pngs[0]['size']}² RGB, one core (target {target:g}/s):",
-            "",
-            "| image | level | strategy | img/s per core (CPU time) | img/s (wall) | bytes | ratio "
-            "| meets target |",
-            "|---|---|---|---|---|---|---|---|",
-        ]
-        for r in pngs:
-            lines.append(
-                f"| {r['image']} | {r['compress_level']} | {r['strategy']} "
-                f"| {r['images_per_cpu_s']} "
-                f"| {r['images_per_wall_s']} | {r['bytes']} | {r['ratio']} "
-                f"| {'yes' if r['meets_target'] else 'no'} |"
-            )
+            ["image", "level", "strategy", "img/s per core (CPU time)", "img/s (wall)", "bytes",
+             "ratio", "meets target"],
+            ([r["image"], r["compress_level"], r["strategy"], r["images_per_cpu_s"],
+              r["images_per_wall_s"], r["bytes"], r["ratio"], "yes" if r["meets_target"] else "no"]
+             for r in pngs),
+        )  # fmt: skip
     return "\n".join(lines) + "\n"

@@ -23,8 +23,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # synthgen, when not pip-installed
+sys.path.insert(0, str(ROOT / "tests"))  # counting_fs: the read counter the corpus tests use
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+from counting_fs import CountingFS  # noqa: E402
 
 from synthgen.data import parquet_dataset, webdataset_loader  # noqa: E402
 from synthgen.output.outdir import OutDir  # noqa: E402
@@ -62,35 +65,6 @@ def timed(function, *args, **kwargs) -> tuple[float, object]:
     started = time.perf_counter()
     result = function(*args, **kwargs)
     return time.perf_counter() - started, result
-
-
-class CountingFS:
-    """An fsspec filesystem that counts the bytes read through it (OUT's files only, unlike
-    the process's read(2) counter, which sees fonts and libraries too)."""
-
-    def __init__(self, fs):
-        self.fs, self.read = fs, 0
-
-    def __getattr__(self, name):
-        return getattr(self.fs, name)
-
-    def cat_file(self, path, *args, **kwargs):
-        data = self.fs.cat_file(path, *args, **kwargs)
-        self.read += len(data)
-        return data
-
-    def open(self, path, mode="rb", **kwargs):
-        handle = self.fs.open(path, mode, **kwargs)
-        if "r" in mode:
-            counter, read = self, handle.read
-
-            def counted(*args):
-                data = read(*args)
-                counter.read += len(data)
-                return data
-
-            handle.read = counted
-        return handle
 
 
 def out_bytes(out: OutDir) -> int:

@@ -3,12 +3,14 @@
 diffusers' layout is written by diffusers itself (`save_lora_weights`, with PEFT metadata when an
 alpha is given) and the PEFT folder by PEFT itself (`save_pretrained`); the kohya and the older
 attention-processor layouts, whose writers are not installed here, by their key naming.
+`render_pair` draws the two seeded images the LoRA tests compare.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors.torch import save_file
 
@@ -125,3 +127,12 @@ def write_peft_folder(unet, state: dict[str, torch.Tensor], folder: Path, rank: 
                 module.lora_B["default"].weight.copy_(unet_state[f"{name}.lora_B.weight"])
     model.save_pretrained(str(folder))
     return folder
+
+
+def render_pair(pipe, steps: int = 4) -> np.ndarray:
+    """Two 64² images of two fixed prompts on seeds 1 and 2."""
+    generators = [torch.Generator().manual_seed(seed) for seed in (1, 2)]
+    return pipe(
+        ["retina right eye", "retina left eye"], num_inference_steps=steps, height=64, width=64,
+        generator=generators, output_type="np",
+    ).images  # fmt: skip

@@ -15,6 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
 from conftest import run_cli, small_recipe, write_recipe
+from counting_fs import CountingFS
 
 from synthgen.cli import main
 from synthgen.output.label_summary import label_rows, markdown_table
@@ -53,38 +54,9 @@ def test_asked_vs_drawn_from_merged_records_equals_it_from_the_rows(corpus):
     assert table in (corpus / "README.md").read_text()
 
 
-class Counting:
-    """The filesystem under an OutDir, counting what is opened and read."""
-
-    def __init__(self, fs):
-        self.fs, self.read, self.opened = fs, 0, []
-
-    def __getattr__(self, name):
-        return getattr(self.fs, name)
-
-    def cat_file(self, path, *args, **kwargs):
-        data = self.fs.cat_file(path, *args, **kwargs)
-        self.read += len(data)
-        return data
-
-    def open(self, path, mode="rb", **kwargs):
-        handle = self.fs.open(path, mode, **kwargs)
-        if "r" in mode:
-            self.opened.append(path)
-            read = handle.read
-
-            def counted(*args):
-                data = read(*args)
-                self.read += len(data)
-                return data
-
-            handle.read = counted
-        return handle
-
-
 def test_finalize_reads_records_and_preview_rows_not_the_shards(corpus, tmp_path):
     out = OutDir(str(corpus))
-    out.fs = counting = Counting(out.fs)
+    out.fs = counting = CountingFS(out.fs)
     finalize(out)
     assert not any(path.endswith(".tar") for path in counting.opened)
     shard = next((corpus / "parquet").glob("*.parquet"))

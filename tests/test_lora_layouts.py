@@ -11,6 +11,7 @@ import pytest
 import torch
 from lora_files import (
     peft_lora_state,
+    render_pair,
     text_encoder_lora_state,
     write_attn_procs_layout,
     write_kohya_layout,
@@ -67,17 +68,9 @@ def max_weight_difference(ours, theirs) -> float:
     return worst
 
 
-def render(pipe) -> np.ndarray:
-    generators = [torch.Generator().manual_seed(seed) for seed in (1, 2)]
-    return pipe(
-        ["retina right eye", "retina left eye"], num_inference_steps=3, height=64, width=64,
-        generator=generators, output_type="np",
-    ).images  # fmt: skip
-
-
 def assert_same_as_diffusers(ours, reference) -> None:
     assert max_weight_difference(ours, reference) <= WEIGHT_TOLERANCE
-    np.testing.assert_allclose(render(ours), render(reference), atol=1e-6)
+    np.testing.assert_allclose(render_pair(ours, 3), render_pair(reference, 3), atol=1e-6)
 
 
 def test_peft_metadata_file_gets_its_own_alpha(tmp_path, full_state):

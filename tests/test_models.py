@@ -5,21 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from lora_files import peft_lora_state, write_kohya_layout, write_peft_layout
+from lora_files import peft_lora_state, render_pair, write_kohya_layout, write_peft_layout
 
 from synthgen.errors import ModelError
 from synthgen.hashing import file_sha256
 from synthgen.recipe.schema import LoraConfig, ModelConfig
 from synthgen.render.model_files import check_model_reference
 from synthgen.render.pipeline import _preset_components, load_pipeline
-
-
-def render(pipe) -> np.ndarray:
-    generators = [torch.Generator().manual_seed(seed) for seed in (1, 2)]
-    return pipe(
-        ["retina right eye", "retina left eye"], num_inference_steps=4, height=64, width=64,
-        generator=generators, output_type="np",
-    ).images  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +21,7 @@ def lora_state():
 
 @pytest.fixture(scope="module")
 def base_images():
-    return render(load_pipeline(ModelConfig(base="tiny"))[0])
+    return render_pair(load_pipeline(ModelConfig(base="tiny"))[0])
 
 
 def test_peft_and_kohya_layouts_load_to_the_same_weights(tmp_path, lora_state, base_images):
@@ -37,7 +29,7 @@ def test_peft_and_kohya_layouts_load_to_the_same_weights(tmp_path, lora_state, b
     kohya = write_kohya_layout(lora_state, tmp_path / "kohya.safetensors")
     with_peft, lora = load_pipeline(ModelConfig(base="tiny", lora=LoraConfig(path=str(peft))))
     with_kohya, _ = load_pipeline(ModelConfig(base="tiny", lora=LoraConfig(path=str(kohya))))
-    peft_images, kohya_images = render(with_peft), render(with_kohya)
+    peft_images, kohya_images = render_pair(with_peft), render_pair(with_kohya)
     assert np.abs(peft_images - base_images).max() > 0.05, "the LoRA must change the output"
     np.testing.assert_allclose(peft_images, kohya_images, atol=1e-5)
     assert lora.sha256 == file_sha256(peft)
@@ -47,16 +39,19 @@ def test_peft_and_kohya_layouts_load_to_the_same_weights(tmp_path, lora_state, b
 def test_fused_equals_unfused(tmp_path, lora_state, scale):
     path = write_peft_layout(lora_state, tmp_path / "lora.safetensors")
     config = ModelConfig(base="tiny", lora=LoraConfig(path=str(path), scale=scale))
-    fused = render(load_pipeline(config, fuse=True)[0])
-    unfused = render(load_pipeline(config, fuse=False)[0])
+    fused = render_pair(load_pipeline(config, fuse=True)[0])
+    unfused = render_pair(load_pipeline(config, fuse=False)[0])
     np.testing.assert_allclose(fused, unfused, atol=1e-4)
 
 
 def test_lora_scale_changes_output(tmp_path, lora_state):
     path = write_peft_layout(lora_state, tmp_path / "lora.safetensors")
-    full = render(load_pipeline(ModelConfig(base="tiny", lora=LoraConfig(path=str(path))))[0])
+    full = render_pair(load_pipeline(ModelConfig(base="tiny", lora=LoraConfig(path=str(path))))[0])
     half = LoraConfig(path=str(path), scale=0.5)
-    assert np.abs(full - render(load_pipeline(ModelConfig(base="tiny", lora=half))[0])).max() > 0.01
+    assert (
+        np.abs(full - render_pair(load_pipeline(ModelConfig(base="tiny", lora=half))[0])).max()
+        > 0.01
+    )
 
 
 def test_lora_in_a_directory_with_weight_name(tmp_path, lora_state):
@@ -74,7 +69,7 @@ def test_local_diffusers_directory_matches_the_preset(tmp_path, base_images):
     pipe, _ = load_pipeline(ModelConfig(base="tiny"))
     pipe.save_pretrained(tmp_path / "tiny-dir")
     loaded, lora = load_pipeline(ModelConfig(base=str(tmp_path / "tiny-dir")))
-    np.testing.assert_allclose(render(loaded), base_images, atol=1e-6)
+    np.testing.assert_allclose(render_pair(loaded), base_images, atol=1e-6)
     assert lora is None
 
 

@@ -17,6 +17,9 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+from torchmetrics.image.fid import FrechetInceptionDistance
+from torchmetrics.image.kid import KernelInceptionDistance
+from torchmetrics.image.lpip import LearnedPerceptualImagePatchSimilarity
 
 from synthgen.audit.reid import (
     Z95,
@@ -119,7 +122,7 @@ class LpipsScorer:
         self.reason: str | None = None
         self.metric = None
         try:
-            import torchvision  # noqa: F401
+            import torchvision  # noqa: F401  # optional: synthgen does not require it, LPIPS does
         except Exception:
             self.reason = "torchvision is not installed; LPIPS needs it and its backbone weights"
             return
@@ -127,8 +130,6 @@ class LpipsScorer:
         if not cached.is_file():
             self.reason = f"LPIPS-{net} backbone weights are not in the torch hub cache ({cached})"
             return
-        from torchmetrics.image.lpip import LearnedPerceptualImagePatchSimilarity
-
         metric = LearnedPerceptualImagePatchSimilarity(net_type=net, reduction="mean")
         self.metric = metric.to(device).eval()
 
@@ -150,8 +151,6 @@ class RealFeatures:
     """
 
     def __init__(self, features: torch.Tensor):
-        from torchmetrics.image.fid import FrechetInceptionDistance
-
         self.features = features
         self.fid = FrechetInceptionDistance(
             feature=_PrecomputedFeatures(features.shape[1]), reset_real_features=False
@@ -166,8 +165,6 @@ def fid_kid(
 
     Returns (fid, kid, reason-if-not-computed).
     """
-    from torchmetrics.image.kid import KernelInceptionDistance
-
     if real.features.shape[0] < 2 or fake.shape[0] < 2:
         return None, None, "FID and KID need at least 2 real and 2 synthetic images"
     real.fid.reset()  # the synthetic side only: reset_real_features=False keeps the real one

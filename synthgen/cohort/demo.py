@@ -13,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, PngImagePlugin
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
 FORMATS = ("png8", "png16", "jpeg", "rgba", "dicom1", "dicom2", "tiff", "cmyk")
 
@@ -31,9 +33,6 @@ def _texture(rng: np.random.Generator, size: int) -> np.ndarray:
 
 
 def _write_dicom(path: Path, gray: np.ndarray, marker: str, monochrome1: bool) -> None:
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
-
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
     meta.MediaStorageSOPInstanceUID = generate_uid()

@@ -21,7 +21,8 @@ ASKED_COLOR, DRAWN_COLOR = "#9aa5b1", "#1f77b4"
 
 def new_figure(width: float, height: float, dpi: int = 100):
     """A Figure on the Agg canvas: no pyplot, no global state, no GUI backend."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg  # matplotlib: only when drawing
+    # start-up time: `info` without --plots and run bookkeeping (plot_name) never draw
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     figure = Figure(figsize=(width, height), dpi=dpi)

@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from huggingface_hub import hf_hub_download, try_to_load_from_cache
+
 from synthgen.errors import ModelError
 from synthgen.recipe.schema import PRESETS, LoraConfig, ModelConfig, looks_local
 from synthgen.weight_files import RefusedWeightFile, read_safetensors_header, what_it_is
@@ -43,8 +45,6 @@ def lora_file(lora: LoraConfig) -> Path:
         return found[0]
     if looks_local(lora.path):
         raise ModelError(f"'{lora.path}' does not exist", where="model.lora.path")
-    from huggingface_hub import hf_hub_download
-
     name = lora.weight_name or DEFAULT_LORA_NAME
     try:
         downloaded = Path(hf_hub_download(lora.path, name))
@@ -66,8 +66,6 @@ def local_lora_file(lora: LoraConfig) -> Path | None:
     """The LoRA file if it is on disk already (local, or in the Hub cache); never downloads."""
     if looks_local(lora.path) or Path(lora.path).expanduser().exists():
         return lora_file(lora)
-    from huggingface_hub import try_to_load_from_cache
-
     cached = try_to_load_from_cache(lora.path, lora.weight_name or DEFAULT_LORA_NAME)
     return Path(cached) if isinstance(cached, str) else None
 

@@ -21,12 +21,15 @@ without pickles; a `torch.save` pickle is refused under any name. Nothing is eve
 
 from __future__ import annotations
 
+import importlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 import torch
+from huggingface_hub import try_to_load_from_cache
+from safetensors.torch import load_file
 
 from synthgen.errors import SynthgenError
 from synthgen.hashing import file_sha256
@@ -147,8 +150,6 @@ def read_state_dict(label: str, path: Path) -> dict[str, torch.Tensor]:
             "safetensors files: convert one you trust with safetensors.torch.save_file"
             "(torch.load(PATH, weights_only=True), 'weights.safetensors')"
         ) from None
-    from safetensors.torch import load_file  # beside torch: only a named architecture needs it
-
     try:
         return load_file(str(path))
     except Exception as exc:
@@ -163,17 +164,26 @@ def _fit(label: str, model: torch.nn.Module, arch: str, path: Path) -> str:
     return file_sha256(path)
 
 
+def _optional_package(label: str, package: str, instead: str):
+    """A package synthgen does not depend on, imported only when a network name needs it;
+    `instead` tells the user how to install it or do without it."""
+    try:
+        return importlib.import_module(package)
+    except Exception as exc:
+        raise NetworkError(
+            f"{label} needs {package}, which cannot be imported here ({exc}); {instead}"
+        ) from exc
+
+
 def _load_torchvision(
     label: str, arch: str, weights: str | None, keep_head: bool
 ) -> tuple[torch.nn.Module, str]:
-    try:
-        import torchvision  # optional: only a torchvision:ARCH name needs it
-    except Exception as exc:
-        raise NetworkError(
-            f"{label} needs torchvision, which cannot be imported here ({exc}); install the "
-            "torchvision that matches your torch, or export the model with torch.jit.save and "
-            "pass its path"
-        ) from exc
+    torchvision = _optional_package(
+        label,
+        "torchvision",
+        "install the torchvision that matches your torch, or export the model with "
+        "torch.jit.save and pass its path",
+    )
     try:
         model = torchvision.models.get_model(arch, weights=None)
     except Exception as exc:
@@ -201,13 +211,9 @@ def _load_torchvision(
 def _load_timm(
     label: str, arch: str, weights: str | None, keep_head: bool
 ) -> tuple[torch.nn.Module, str]:
-    try:
-        import timm  # optional: only a timm:ARCH name needs it
-    except Exception as exc:
-        raise NetworkError(
-            f"{label} needs timm, which cannot be imported here ({exc}); pip install timm, or "
-            "export the model to TorchScript and pass its path"
-        ) from exc
+    timm = _optional_package(
+        label, "timm", "pip install timm, or export the model to TorchScript and pass its path"
+    )
     try:
         model = timm.create_model(arch, pretrained=False)
     except Exception as exc:
@@ -215,8 +221,6 @@ def _load_timm(
     if weights:
         path = Path(weights).expanduser()
     else:
-        from huggingface_hub import try_to_load_from_cache  # only for a cached timm model
-
         hub_id = (getattr(model, "pretrained_cfg", None) or {}).get("hf_hub_id")
         cached = try_to_load_from_cache(hub_id, "model.safetensors") if hub_id else None
         if not isinstance(cached, str):
@@ -237,13 +241,11 @@ def _load_xrv(
     """A TorchXRayVision DenseNet built by its weights name (its output columns are that name's
     pathologies, in the package's order), with the calibration (`op_threshs`) the package
     applies to those weights, and its state dict from a safetensors file."""
-    try:
-        import torchxrayvision as xrv  # optional: only an xrv:NAME needs it
-    except Exception as exc:
-        raise NetworkError(
-            f"{label} needs torchxrayvision, which cannot be imported here ({exc}); pip install "
-            "torchxrayvision, or save the model with torch.jit.save and give its path"
-        ) from exc
+    xrv = _optional_package(
+        label,
+        "torchxrayvision",
+        "pip install torchxrayvision, or save the model with torch.jit.save and give its path",
+    )
     if not weights:
         raise NetworkError(
             f"{label}: TorchXRayVision's own weight files are pickles, which synthgen never "

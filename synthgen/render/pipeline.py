@@ -13,6 +13,17 @@ import os
 from pathlib import Path
 
 import torch
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    DPMSolverMultistepScheduler,
+    EulerDiscreteScheduler,
+    PNDMScheduler,
+    UNet2DConditionModel,
+)
+from diffusers.utils import logging as diffusers_logging
+from transformers import CLIPTextConfig, CLIPTextModel
+from transformers.utils import logging as transformers_logging
 
 from synthgen.errors import ModelError
 from synthgen.recipe.schema import PRESETS, ModelConfig
@@ -38,9 +49,6 @@ def quiet_libraries() -> None:
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
     for name in ("diffusers", "transformers", "huggingface_hub"):
         logging.getLogger(name).setLevel(logging.ERROR)
-    from diffusers.utils import logging as diffusers_logging
-    from transformers.utils import logging as transformers_logging
-
     diffusers_logging.set_verbosity_error()
     transformers_logging.set_verbosity_error()
     diffusers_logging.disable_progress_bar()
@@ -54,9 +62,6 @@ def resolve_dtype(name: str, device: str) -> torch.dtype:
 
 
 def _preset_components(name: str) -> dict:
-    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
     tokenizer, vocab = byte_level_tokenizer()
     assert vocab == BYTE_VOCAB, "the preset text configs are sized for the byte-level tokenizer"
     preset = PRESET_CONFIGS[name]
@@ -75,6 +80,7 @@ def _preset_components(name: str) -> dict:
 
 
 def _load_base(config: ModelConfig, dtype: torch.dtype):
+    # after quiet_libraries(): importing diffusers' pipelines logs transformers warnings
     from diffusers import StableDiffusionPipeline
 
     if config.base in PRESETS:
@@ -109,13 +115,7 @@ def load_pipeline(
 ) -> tuple[object, AppliedLora | None]:
     """The ready-to-run pipeline, and what was fused of its LoRA (None without one)."""
     quiet_libraries()
-    from diffusers import (
-        DDIMScheduler,
-        DPMSolverMultistepScheduler,
-        EulerDiscreteScheduler,
-        PNDMScheduler,
-        StableDiffusionImg2ImgPipeline,
-    )
+    from diffusers import StableDiffusionImg2ImgPipeline  # after quiet_libraries(), as above
 
     pipe = _load_base(config, resolve_dtype(config.dtype, device))
     schedulers = {

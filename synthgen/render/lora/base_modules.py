@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from huggingface_hub import try_to_load_from_cache
+
 from synthgen.recipe.schema import PRESETS, ModelConfig, looks_local
 from synthgen.render.presets import PRESET_CONFIGS
 
@@ -134,7 +136,6 @@ def _component_configs(config: ModelConfig) -> tuple[dict | None, dict | None, s
         unet, text = folder / "unet" / "config.json", folder / "text_encoder" / "config.json"
         where = "unet/config.json and text_encoder/config.json of model.base"
         return _read_config(unet), _read_config(text), where
-    from huggingface_hub import try_to_load_from_cache
 
     def cached(name: str) -> str | None:
         found = try_to_load_from_cache(config.base, name, revision=config.revision)
