@@ -57,6 +57,7 @@ def main() -> None:
 @user_errors
 def validate(recipe: Path) -> None:
     """Check RECIPE (and its cohort: columns, labels, every image) without rendering anything."""
+    # start-up time: each command imports only what it runs
     from synthgen.output.sizes import estimate
     from synthgen.recipe.schema import load_recipe
     from synthgen.render.lora.fit import inspect_lora
@@ -105,6 +106,7 @@ def check_quality_models(recipe) -> list[str]:
 def prompt_fit_of(recipe):
     """How the recipe's longest prompt fits the text encoder; None if the model's tokenizer is
     not on this machine (a Hub model not downloaded yet)."""
+    # start-up time: each command imports only what it runs
     from synthgen.recipe.prompt_length import prompt_fit
     from synthgen.render.prompt_tokenizer import token_counter
 
@@ -136,6 +138,7 @@ def warn_if_cut(fit) -> None:
 @user_errors
 def sample(recipe: Path, count: int, start: int) -> None:
     """Print samples' keys, labels and prompts as JSON lines, without rendering."""
+    # start-up time: each command imports only what it runs
     from synthgen.recipe.schema import load_recipe
     from synthgen.run.planning import build_plan
 
@@ -196,6 +199,7 @@ def sample_indices(mode: str, total: int, start: int, count: int) -> range:
 def generate(recipe, out, num_samples, devices, workers_per_device, executor, address, rank,
              world_size, max_retries, overwrite, verify):  # fmt: skip
     """Render RECIPE into OUT; resumes a partial run of the same recipe."""
+    # start-up time: each command imports only what it runs
     from synthgen.recipe.schema import load_recipe
     from synthgen.render.lora.fit import inspect_lora
     from synthgen.render.model_files import check_model_reference
@@ -242,6 +246,7 @@ def generate(recipe, out, num_samples, devices, workers_per_device, executor, ad
 @user_errors
 def finalize(out: str) -> None:
     """Write OUT's manifest and dataset card again from its committed shards."""
+    # start-up time: each command imports only what it runs
     from synthgen.run.finalize import finalize_alone
 
     manifest = finalize_alone(out)
@@ -259,6 +264,7 @@ def finalize(out: str) -> None:
 @user_errors
 def info(out: str, plots: Path | None) -> None:
     """Counts, completeness and label summaries of a generated dataset."""
+    # start-up time: each command imports only what it runs
     from synthgen.output.label_summary import labels_markdown
     from synthgen.output.manifest import (
         label_encodings,
@@ -323,6 +329,7 @@ def info(out: str, plots: Path | None) -> None:
 def preview(source: str, output: Path, count: int | None, seed: int, columns: int,
             device: str | None) -> None:  # fmt: skip
     """Contact sheet of SOURCE (a recipe: renders a few; an OUT: samples committed images)."""
+    # start-up time: each command imports only what it runs
     from synthgen.run.preview import make_preview
 
     sheet = make_preview(source, n=count, seed=seed, device=device, columns=columns)
@@ -349,8 +356,9 @@ def preview(source: str, output: Path, count: int | None, seed: int, columns: in
 def push(out: Path, repo_id: str, private: bool, revision: str | None, token_from_env: bool,
          dry_run: bool, timeout: float) -> None:  # fmt: skip
     """Upload a complete OUT to the Hugging Face Hub as a dataset repo."""
+    # start-up time: each command imports only what it runs
     from synthgen.output.hub import bound_hub_timeouts, files_to_upload, push_dataset
-    from synthgen.output.hub import token_from_env as env_token
+    from synthgen.output.hub import token_from_env as env_token  # the option has its name
 
     if dry_run:
         for path in files_to_upload(out):
@@ -365,6 +373,7 @@ def push(out: Path, repo_id: str, private: bool, revision: str | None, token_fro
 @main.command()
 def schema() -> None:
     """Print the recipe JSON Schema (for editor completion and CI checks of recipe repos)."""
+    # start-up time: each command imports only what it runs
     from synthgen.recipe.schema import Recipe
 
     click.echo(json.dumps(Recipe.model_json_schema(), indent=2))
@@ -397,6 +406,7 @@ def schema() -> None:
 def audit(out, source, linkage, embedder, predictor, holdout, image_column, id_column,
           patient_column, report_dir, device, append_to_card):  # fmt: skip
     """Privacy–utility audit: how re-identifiable is OUT, and how much signal did it keep?"""
+    # start-up time: each command imports only what it runs
     from synthgen.audit.engine import AuditSettings, run_audit
     from synthgen.audit.inputs import read_linkage, skipped_rows, source_items, synthetic_items
     from synthgen.audit.report import card_section
@@ -435,6 +445,7 @@ def audit(out, source, linkage, embedder, predictor, holdout, image_column, id_c
 @user_errors
 def gate(out: str, report_dir: Path, checks: Path | None, device: str) -> None:
     """Run the quality gate's checks over OUT: per-sample predictions and the acceptance table."""
+    # start-up time: each command imports only what it runs
     from synthgen.output.outdir import OutDir
     from synthgen.recipe.schema import load_recipe
     from synthgen.run.gate_report import gate_dataset

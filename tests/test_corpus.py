@@ -11,6 +11,7 @@ import subprocess
 import sys
 
 import datasets
+import mlcroissant as mlc
 import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
@@ -87,7 +88,6 @@ def test_every_python_block_of_the_card_runs_as_written(corpus):
 
 
 def test_croissant_validates_and_yields_every_record(corpus):
-    mlc = pytest.importorskip("mlcroissant")
     dataset = mlc.Dataset(jsonld=str(corpus / "croissant.json"))
     records = list(dataset.records("train"))
     assert len(records) == OutDir(str(corpus)).manifest().num_samples == SAMPLES

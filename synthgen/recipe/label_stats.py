@@ -11,6 +11,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 
 @dataclass
 class Counts:
@@ -167,8 +169,6 @@ class Regression:
 
     def solve(self) -> list[float] | None:
         """[intercept, slope per name], or None while the rows cannot determine it."""
-        import numpy as np  # only when a card or `info` shows a fit
-
         matrix = np.array(self.xtx)
         if matrix[0][0] <= len(self.names) or abs(np.linalg.det(matrix)) < 1e-12:
             return None

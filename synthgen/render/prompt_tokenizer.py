@@ -11,6 +11,11 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
+from huggingface_hub import try_to_load_from_cache
+from tokenizers.pre_tokenizers import ByteLevel
+from transformers import CLIPTokenizer
+from transformers.tokenization_utils_base import VERY_LARGE_INTEGER
+
 from synthgen.recipe.schema import PRESETS, ModelConfig, looks_local
 
 # A CLIP tokenizer as saved: its config beside tokenizer.json (transformers 5) or the vocab and
@@ -21,9 +26,6 @@ _TOKENIZER_FILES = (("tokenizer_config.json", "tokenizer.json"),
 
 def byte_level_tokenizer(max_length: int = 77):
     """A CLIP tokenizer over single bytes: no vocabulary download needed, any text encodes."""
-    from tokenizers.pre_tokenizers import ByteLevel
-    from transformers import CLIPTokenizer
-
     alphabet = sorted(ByteLevel.alphabet())
     tokens = alphabet + [c + "</w>" for c in alphabet] + ["<|startoftext|>", "<|endoftext|>"]
     folder = _cache_dir() / "byte-level-clip-tokenizer"
@@ -48,8 +50,6 @@ def prompt_tokenizer(config: ModelConfig):
     folder = _tokenizer_folder(config)
     if folder is None:
         return None
-    from transformers import CLIPTokenizer
-    from transformers.tokenization_utils_base import VERY_LARGE_INTEGER
 
     tokenizer = CLIPTokenizer.from_pretrained(folder)
     return tokenizer if tokenizer.model_max_length < VERY_LARGE_INTEGER else None
@@ -61,8 +61,6 @@ def _tokenizer_folder(config: ModelConfig) -> Path | None:
     if looks_local(config.base) or Path(config.base).is_dir():
         folder = Path(config.base) / "tokenizer"
     else:  # a Hub id: its cached snapshot, never a download
-        from huggingface_hub import try_to_load_from_cache
-
         cached = try_to_load_from_cache(
             config.base, "tokenizer/tokenizer_config.json", revision=config.revision
         )

@@ -11,6 +11,8 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+import torch
+
 from synthgen.errors import OptionError
 from synthgen.output.outdir import LOGS
 
@@ -41,8 +43,6 @@ _DEVICE_FORMS = "use all, cpu, cuda, cuda:N or a list like 0,1,3"
 
 
 def cuda_device_count() -> int:
-    import torch  # only for a device count: `validate` and `schema` never get here
-
     return torch.cuda.device_count()
 
 
