@@ -279,11 +279,10 @@ def info(out: str, plots: Path | None) -> None:
 def preview(source: str, output: Path, count: int | None, seed: int, columns: int,
             device: str | None) -> None:  # fmt: skip
     """Contact sheet of SOURCE (a recipe: renders a few; an OUT: samples committed images)."""
-    from synthgen.run.preview import make_preview
+    from synthgen.run.preview import make_preview, save_sheet
 
     sheet = make_preview(source, n=count, seed=seed, device=device, columns=columns)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    sheet.save(output)
+    save_sheet(sheet, output)
     click.echo(f"wrote {output} ({sheet.width}x{sheet.height})")
 
 
