@@ -330,11 +330,10 @@ def preview(source: str, output: Path, count: int | None, seed: int, columns: in
             device: str | None) -> None:  # fmt: skip
     """Contact sheet of SOURCE (a recipe: renders a few; an OUT: samples committed images)."""
     # start-up time: each command imports only what it runs
-    from synthgen.run.preview import make_preview
+    from synthgen.run.preview import make_preview, save_sheet
 
     sheet = make_preview(source, n=count, seed=seed, device=device, columns=columns)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    sheet.save(output)
+    save_sheet(sheet, output)
     click.echo(f"wrote {output} ({sheet.width}x{sheet.height})")
 
 

@@ -22,8 +22,8 @@ import fsspec
 import yaml
 from tqdm import tqdm
 
-from synthgen.errors import OutputError
-from synthgen.output.records import Manifest, ModelRecord, RunRecord, ShardRecord
+from synthgen.errors import OutputError, RecipeError
+from synthgen.output.records import Manifest, ModelRecord, RunRecord, ShardRecord, repair
 from synthgen.recipe.schema import Recipe, recipe_from_dict
 
 CARD = "README.md"
@@ -86,6 +86,10 @@ class OutDir:
 
     def exists(self, relative: str = "") -> bool:
         return self.fs.exists(self.path(relative) if relative else self.root)
+
+    def _dangling(self, relative: str) -> bool:
+        """A local symbolic link to nowhere: `exists` says no, yet something is in the way."""
+        return self.is_local and os.path.islink(self.path(relative)) and not self.exists(relative)
 
     def read_bytes(self, relative: str) -> bytes:
         return self.fs.cat_file(self.path(relative))
@@ -176,14 +180,16 @@ class OutDir:
             raise OutputError(
                 "no recipe.yaml: this is not a synthgen output directory", file=self.url
             )
+        repair_recipe = "rerun `synthgen generate` with the recipe and --overwrite"
         try:
-            data = yaml.safe_load(self.read_text(RECIPE))
+            return recipe_from_dict(yaml.safe_load(self.read_text(RECIPE)), file=RECIPE)
         except (UnicodeDecodeError, yaml.YAMLError):
+            raise OutputError(f"recipe.yaml is damaged; {repair_recipe}", file=self.url) from None
+        except RecipeError as error:  # valid YAML, yet not the recipe synthgen wrote there
+            what = ": ".join(part for part in (error.where, error.message) if part)
             raise OutputError(
-                "recipe.yaml is damaged; rerun `synthgen generate` with the recipe and --overwrite",
-                file=self.url,
+                f"recipe.yaml is damaged ({what}); {repair_recipe}", file=self.url
             ) from None
-        return recipe_from_dict(data, file=RECIPE)
 
     def manifest(self) -> Manifest:
         """manifest.json, which exists once every shard is committed (finalize writes it)."""
@@ -193,24 +199,31 @@ class OutDir:
                 "`synthgen finalize OUT`",
                 file=self.url,
             )
-        return self._load(Manifest, MANIFEST)
+        return self._load(Manifest, MANIFEST, "manifest")
 
     def run_record(self) -> RunRecord | None:
-        return self._load(RunRecord, RUN_RECORD) if self.exists(RUN_RECORD) else None
+        """None where no run ever claimed OUT; a link to nowhere in its place is damage."""
+        if not self.exists(RUN_RECORD) and not self._dangling(RUN_RECORD):
+            return None
+        return self._load(RunRecord, RUN_RECORD, "run")
 
     def model_record(self) -> ModelRecord | None:
-        return self._load(ModelRecord, MODEL_RECORD) if self.exists(MODEL_RECORD) else None
+        if not self.exists(MODEL_RECORD) and not self._dangling(MODEL_RECORD):
+            return None
+        return self._load(ModelRecord, MODEL_RECORD, "model")
 
     def commit_record(self, shard_name: str) -> ShardRecord:
-        return self._load(ShardRecord, self.commit_path(shard_name))
+        return self._load(ShardRecord, self.commit_path(shard_name), "commit")
 
-    def _load(self, record: type, relative: str):
+    def _load(self, record: type, relative: str, kind: str):
         try:
             data = self.read_bytes(relative)
         except OSError as error:  # a folder in its place, no permission, a failing disk
+            why = reason(error)
+            if self._dangling(relative):
+                why = "a symbolic link to a place that does not exist"
             raise OutputError(
-                f"{relative} cannot be read ({reason(error)}); repair or remove it, then run "
-                "the same command again",
+                f"{relative} cannot be read ({why}); {repair(kind)}",
                 file=self.url,
             ) from None
         try:
@@ -315,8 +328,11 @@ def _make_local_folder(folder: Path, url: str, create: bool) -> None:
 
 
 def _reach_store(out: OutDir) -> None:
+    # `info`, not `exists`: s3fs's exists answers False for a bucket it cannot reach at all
     try:
-        out.fs.exists(out.root)
+        out.fs.info(out.root)
+    except FileNotFoundError:
+        pass  # a new folder
     except Exception as error:  # noqa: BLE001 - any backend's failure to reach its store
         # (no credentials, no network, a refused address) is the user's to fix, not a traceback
         first = str(error).splitlines()[0] if str(error) else ""

@@ -12,6 +12,7 @@ from typing import Any
 
 from synthgen.cohort.rows import SkippedRow
 from synthgen.errors import OutputError
+from synthgen.output.record_fields import Damage, json_field, list_of, mapping, optional, same, text
 from synthgen.plan import PLAN_VERSION, ShardTask
 from synthgen.recipe.label_stats import LabelStats, stats_from_json
 from synthgen.recipe.labels import LabelEncoding
@@ -22,8 +23,15 @@ _REPAIR = {
     "run": "rerun with --overwrite to start OUT again",
     "commit": "rerun `synthgen generate` (the shard is rendered again)",
     "manifest": "run `synthgen finalize OUT` to write it again",
-    "model": "run `synthgen generate` again to write it",
+    # Only a run that renders writes the model record, so no command writes it again.
+    "model": "remove it and run `synthgen finalize OUT` (the card then names no model), or "
+    "generate into a new OUT",
 }
+
+
+def repair(kind: str) -> str:
+    """How to repair a record of this kind ("run", "commit", "manifest", "model")."""
+    return _REPAIR[kind]
 
 
 def parse_json(data: bytes, name: str, kind: str) -> Any:
@@ -34,9 +42,28 @@ def parse_json(data: bytes, name: str, kind: str) -> Any:
         raise OutputError(f"{name} is damaged (not JSON); {_REPAIR[kind]}") from None
 
 
-def _damaged(name: str, kind: str, error: Exception) -> OutputError:
-    missing = f"field {error}" if isinstance(error, KeyError) else error.__class__.__name__
-    return OutputError(f"{name} is damaged ({missing} is missing or wrong); {_REPAIR[kind]}")
+def _damaged(name: str, kind: str, damage: Damage) -> OutputError:
+    what = f"field '{damage.path}' {damage.problem}" if damage.path else f"it {damage.problem}"
+    return OutputError(f"{name} is damaged ({what}); {_REPAIR[kind]}")
+
+
+def _task(raw: Any) -> ShardTask:
+    return ShardTask(
+        json_field(raw, "split", text),
+        json_field(raw, "shard", int),
+        json_field(raw, "start", int),
+        json_field(raw, "stop", int),
+        json_field(raw, "strength", optional(float), None),
+    )
+
+
+def _skipped_row(raw: Any) -> SkippedRow:
+    return SkippedRow(json_field(raw, "row", int), json_field(raw, "reason", str))
+
+
+def _block(raw: Any) -> tuple[float, int, int]:
+    strength, repeat, part = raw  # a list of three
+    return float(strength), int(repeat), int(part)
 
 
 @dataclass(frozen=True)
@@ -67,18 +94,18 @@ class RunRecord:
         raw = parse_json(data, name, "run")
         try:
             return cls(
-                raw["recipe_sha256"],
-                [ShardTask(**task) for task in raw["tasks"]],
-                [SkippedRow(int(s["row"]), str(s["reason"])) for s in raw.get("skipped", [])],
-                raw.get("corpus_sha256"),
-                int(raw.get("plan_version", 1)),  # records before 0.2 had none: plan 1
-                [(float(b[0]), int(b[1]), int(b[2])) for b in raw.get("blocks", [])],
-                raw.get("layout_sha256"),
-                int(raw.get("layout_size", 0)),
-                [int(part) for part in raw.get("parts", [])],
+                json_field(raw, "recipe_sha256", text),
+                json_field(raw, "tasks", list_of(_task)),
+                json_field(raw, "skipped", list_of(_skipped_row), []),
+                json_field(raw, "corpus_sha256", optional(text), None),
+                json_field(raw, "plan_version", int, 1),  # records before 0.2 had none: plan 1
+                json_field(raw, "blocks", list_of(_block), []),
+                json_field(raw, "layout_sha256", optional(text), None),
+                json_field(raw, "layout_size", int, 0),
+                json_field(raw, "parts", list_of(int), []),
             )
-        except (KeyError, TypeError, ValueError) as error:
-            raise _damaged(name, "run", error) from None
+        except Damage as damage:
+            raise _damaged(name, "run", damage) from None
 
 
 @dataclass(frozen=True)
@@ -126,16 +153,14 @@ class ShardRecord(ShardEntry):
         raw = parse_json(data, name, "commit")
         try:
             return cls(
-                name=raw["name"], split=raw["split"], shard=int(raw["shard"]),
-                count=int(raw["count"]), files=dict(raw["files"]),
-                sizes={k: int(v) for k, v in (raw.get("sizes") or {}).items()},
-                strength=raw.get("strength"), seconds=dict(raw.get("seconds") or {}),
-                labels={k: stats_from_json(v) for k, v in (raw.get("labels") or {}).items()},
-                cells={k: int(v) for k, v in (raw.get("cells") or {}).items()},
-                quality=QualityTally.from_json(raw["quality"]) if "quality" in raw else None,
-            )  # fmt: skip
-        except (KeyError, TypeError, ValueError, AttributeError) as error:
-            raise _damaged(name, "commit", error) from None
+                **_entry_fields(raw),
+                seconds=json_field(raw, "seconds", mapping(float, null_is_empty=True), {}),
+                labels=json_field(raw, "labels", mapping(stats_from_json, null_is_empty=True), {}),
+                cells=json_field(raw, "cells", mapping(int, null_is_empty=True), {}),
+                quality=json_field(raw, "quality", QualityTally.from_json, None),
+            )
+        except Damage as damage:
+            raise _damaged(name, "commit", damage) from None
 
 
 @dataclass(frozen=True)
@@ -191,6 +216,7 @@ class ModelRecord:
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> ModelRecord:
+        json_field(raw, "base", text)
         return cls(**{name: raw.get(name) for name in cls.__dataclass_fields__})
 
     @classmethod
@@ -198,8 +224,8 @@ class ModelRecord:
         raw = parse_json(data, name, "model")
         try:
             return cls.from_dict(raw)
-        except (KeyError, TypeError) as error:
-            raise _damaged(name, "model", error) from None
+        except Damage as damage:
+            raise _damaged(name, "model", damage) from None
 
 
 @dataclass(frozen=True)
@@ -260,19 +286,24 @@ class Manifest:
         raw = parse_json(data, name, "manifest")
         try:
             return cls(
-                name=raw["name"], mode=raw["mode"], recipe_sha256=raw["recipe_sha256"],
-                versions=dict(raw.get("versions") or {}),
-                model=ModelRecord.from_dict(raw["model"]) if raw.get("model") else None,
-                num_samples=int(raw["num_samples"]), counts=dict(raw["counts"]),
-                counts_by_strength=dict(raw.get("counts_by_strength") or {}),
-                labels={k: LabelEncoding.from_json(v) for k, v in raw["labels"].items()},
-                skipped=[SkippedRow(int(s["row"]), str(s["reason"])) for s in raw.get("skipped", [])],
-                shards=[_shard_entry(s) for s in raw["shards"]],
-                complete=raw.get("complete") is True,
-                quality=QualitySummary.from_json(raw["quality"]) if "quality" in raw else None,
-            )  # fmt: skip
-        except (KeyError, TypeError, ValueError, AttributeError) as error:
-            raise _damaged(name, "manifest", error) from None
+                name=json_field(raw, "name", text),
+                mode=json_field(raw, "mode", text),
+                recipe_sha256=json_field(raw, "recipe_sha256", text),
+                versions=json_field(raw, "versions", mapping(same, null_is_empty=True), {}),
+                model=json_field(raw, "model", _model_or_none, None),
+                num_samples=json_field(raw, "num_samples", int),
+                counts=json_field(raw, "counts", mapping(int)),
+                counts_by_strength=json_field(
+                    raw, "counts_by_strength", mapping(int, null_is_empty=True), {}
+                ),
+                labels=json_field(raw, "labels", mapping(LabelEncoding.from_json)),
+                skipped=json_field(raw, "skipped", list_of(_skipped_row), []),
+                shards=json_field(raw, "shards", list_of(_shard_entry)),
+                complete=json_field(raw, "complete", lambda value: value is True, False),
+                quality=json_field(raw, "quality", QualitySummary.from_json, None),
+            )
+        except Damage as damage:
+            raise _damaged(name, "manifest", damage) from None
 
     def shard_files(
         self, split: str, folder: str, strength: float | None = None
@@ -304,8 +335,20 @@ class ShardFile:
     sha256: str
 
 
-def _shard_entry(raw: dict[str, Any]) -> ShardEntry:
-    return ShardEntry(
-        raw["name"], raw["split"], int(raw["shard"]), int(raw["count"]), dict(raw["files"]),
-        {k: int(v) for k, v in (raw.get("sizes") or {}).items()}, raw.get("strength"),
+def _entry_fields(raw: Any) -> dict[str, Any]:
+    """The fields a commit record shares with the manifest's entry of its shard."""
+    return dict(
+        name=json_field(raw, "name", text), split=json_field(raw, "split", text),
+        shard=json_field(raw, "shard", int), count=json_field(raw, "count", int),
+        files=json_field(raw, "files", mapping(text)),
+        sizes=json_field(raw, "sizes", mapping(int, null_is_empty=True), {}),  # quick resume
+        strength=json_field(raw, "strength", optional(float), None),
     )  # fmt: skip
+
+
+def _shard_entry(raw: Any) -> ShardEntry:
+    return ShardEntry(**_entry_fields(raw))
+
+
+def _model_or_none(raw: Any) -> ModelRecord | None:
+    return ModelRecord.from_dict(raw) if raw else None  # finalize writes {} without a model

@@ -58,6 +58,7 @@ def finalize(out: OutDir, audit_section: str | None = None) -> Manifest:
         shards = committed_in_order(run.tasks, records)
     except OutputError as error:
         raise OutputError(error.message, file=out.url) from None
+    model = out.model_record()  # every record is read before a complete OUT stops saying so
     out.remove(MANIFEST)  # from here until the last write, OUT says it is not complete
     if audit_section is not None:
         out.write_atomic(AUDIT_SECTION, audit_section.encode())
@@ -66,7 +67,7 @@ def finalize(out: OutDir, audit_section: str | None = None) -> Manifest:
     out.remove_temporaries(own.__contains__, (f"{WEBDATASET}/", f"{PARQUET}/", f"{COMMITS}/"))
     reader = ShardReader(out, label_encodings(recipe))
     stats = merged_label_stats(recipe, shards, reader)
-    manifest = build_manifest(recipe, run, shards, out.model_record())
+    manifest = build_manifest(recipe, run, shards, model)
     previews = write_previews(out, recipe, reader, manifest.shards, stats)
     audit = out.read_text(AUDIT_SECTION) if out.exists(AUDIT_SECTION) else None
     table = labels_markdown(recipe, stats, merged_cells(shards))

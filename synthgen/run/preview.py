@@ -3,13 +3,17 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import os
 from pathlib import Path
 
 import torch
 from PIL import Image
 
 from synthgen.cohort.rows import source_image_loader
-from synthgen.output.outdir import OutDir
+from synthgen.errors import OutputError
+from synthgen.output.outdir import OutDir, reason, temporary_name
 from synthgen.plan import SampleSpec
 from synthgen.preview.sheet import Item, caption, contact_sheet, preview_from_out
 from synthgen.recipe.schema import Recipe, load_recipe
@@ -56,3 +60,24 @@ def make_preview(
     if Path(source).is_file() or source.endswith((".yaml", ".yml")):
         return contact_sheet(render_first(load_recipe(source), n or 8, device), columns=columns)
     return preview_from_out(OutDir(source), n or 16, seed, columns)
+
+
+def save_sheet(sheet: Image.Image, output: Path) -> None:
+    """Write the sheet (in the format `output`'s suffix names, else PNG) through a temporary
+    sibling: a write that fails (a file where a folder should be, a full disk) is one
+    OutputError naming `output`, and leaves neither a temporary nor half an image."""
+    image_format = Image.registered_extensions().get(output.suffix.lower(), "PNG")
+    temporary = output.with_name(temporary_name(output.name))
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        sheet.save(temporary, format=image_format)
+        os.replace(temporary, output)
+    except OSError as error:
+        with contextlib.suppress(OSError):
+            temporary.unlink(missing_ok=True)
+        cause = reason(error)
+        if error.errno in (errno.ENOTDIR, errno.EEXIST):
+            cause = "a folder above it is a file"
+        raise OutputError(
+            f"cannot be written ({cause}); choose another place", file=str(output)
+        ) from None
