@@ -144,8 +144,8 @@ def test_another_recipe_is_refused_without_overwrite(tmp_path, fresh_copy):
     assert "different recipe" in refused.stderr and "Traceback" not in refused.stderr
     assert json.loads((fresh_copy / "manifest.json").read_text())["num_samples"] == 20
     run_cli("generate", str(other), "-o", str(fresh_copy), "--overwrite")
-    assert json.loads((fresh_copy / "manifest.json").read_text())["num_samples"] == 4
-    assert len(tar_samples(fresh_copy)) == 4
+    assert json.loads((fresh_copy / "manifest.json").read_text())["num_samples"] == 5
+    assert len(tar_samples(fresh_copy)) == 5
 
 
 def test_foreign_files_are_never_overwritten(tmp_path):

@@ -16,7 +16,7 @@ import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 import fsspec
 import yaml
@@ -243,11 +243,24 @@ class OutDir:
         }
 
     def committed_records(self, progress: bool = False) -> dict[str, ShardRecord]:
-        """Every commit record, from one listing; fetched in parallel (an object store answers
-        each in a round trip), with a progress bar on stderr when `progress`."""
-        names = sorted(self.committed_names())
+        """Every commit record, from one listing; a damaged one is an OutputError."""
+        return self._fetch(sorted(self.committed_names()), self.commit_record, progress)
+
+    def readable_commit_records(self, names: list[str]) -> dict[str, ShardRecord | None]:
+        """The commit records of `names`, None where one cannot be read (a resume redoes it)."""
+        return self._fetch(names, self._commit_record_or_none, progress=len(names) > 500)
+
+    def _commit_record_or_none(self, shard_name: str) -> ShardRecord | None:
+        try:
+            return self.commit_record(shard_name)
+        except OutputError:
+            return None
+
+    def _fetch(self, names: list[str], load: Callable[[str], Any], progress: bool) -> dict:
+        """`load` of every name, in parallel (an object store answers each in a round trip),
+        with a progress bar on stderr when `progress`."""
         with ThreadPoolExecutor(RECORD_FETCHERS) as pool:
-            records = pool.map(self.commit_record, names)
+            records = pool.map(load, names)
             if progress:
                 records = tqdm(records, total=len(names), desc="reading commit records",
                                unit="shard", file=sys.stderr, leave=False)  # fmt: skip

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from tqdm import tqdm
 
-from synthgen.errors import OutputError, SynthgenError
+from synthgen.errors import SynthgenError
 from synthgen.output.lock import Lease, hold
 from synthgen.output.outdir import MANIFEST, OutDir, writable_out
 from synthgen.output.records import ShardRecord
@@ -43,22 +43,19 @@ def _hashes_match(out: OutDir, record: ShardRecord) -> bool:
     return True
 
 
-def _intact(out: OutDir, task: ShardTask, on_disk: dict[str, int], verify: bool) -> bool:
-    """Whether a shard is committed and its files are as its commit record says; a commit record
-    that cannot be read, or whose files are lost, cut short or (`verify`) altered, is removed."""
-    if out.commit_path(task.name) not in on_disk:
-        return False
-    try:
-        record = out.commit_record(task.name)
-    except OutputError:
+def _intact(
+    out: OutDir, name: str, record: ShardRecord | None, on_disk: dict[str, int], verify: bool
+) -> bool:
+    """Whether a committed shard's files are as its commit record says; a commit record that
+    cannot be read (None), or whose files are lost, cut short or (`verify`) altered, is removed."""
+    if record is None:
         intact = False
+    elif verify or not record.sizes:  # records from before sizes were kept: hash
+        intact = _hashes_match(out, record)
     else:
-        if verify or not record.sizes:  # records from before sizes were kept: hash
-            intact = _hashes_match(out, record)
-        else:
-            intact = all(on_disk.get(path) == size for path, size in record.sizes.items())
+        intact = all(on_disk.get(path) == size for path, size in record.sizes.items())
     if not intact:
-        out.remove(out.commit_path(task.name))
+        out.remove(out.commit_path(name))
     return intact
 
 
@@ -85,9 +82,14 @@ def run_state(
     file, for damage that keeps the size.
     """
     on_disk = out.file_sizes()
+    records = out.readable_commit_records(
+        [task.name for task in tasks if out.commit_path(task.name) in on_disk]
+    )
     done, todo = [], []
     for task in tasks:
-        (done if _intact(out, task, on_disk, verify) else todo).append(task)
+        committed = task.name in records
+        intact = committed and _intact(out, task.name, records[task.name], on_disk, verify)
+        (done if intact else todo).append(task)
     if todo:
         out.remove(MANIFEST)  # a damaged shard: the dataset is not complete any more
     complete = not todo and _finalized(out, recipe, tasks, on_disk)
