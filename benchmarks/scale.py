@@ -102,17 +102,18 @@ def bookkeeping(url: str) -> dict[str, float]:
             "out_bytes": total, "finalize_read_share": read / total}  # fmt: skip
 
 
-def local_run(shards: int, base: Path, size: int = 16) -> dict:
-    recipe = recipe_from_dict(scale_recipe(shards, size))
+def local_run(shards: int, base: Path, size: int = 16, per_shard: int = 1) -> dict:
+    recipe = recipe_from_dict(scale_recipe(shards, size, per_shard))
     plan_s, plan = timed(build_plan, recipe)
-    url = str(base / f"local-{shards}-{size}")
+    url = str(base / f"local-{shards}-{size}-{per_shard}")
     claim_s, _ = timed(claim_output, OutDir(url), recipe, plan)
     wall, _ = timed(generate, recipe, url)
     records = OutDir(url).committed_records().values()
     write = sum(r.seconds.get("write", 0.0) for r in records) / shards
     commit_s, _ = timed(_rewrite_commits, OutDir(url), list(records))
     result = {
-        "where": "local", "shards": shards, "size": size, "plan_s": plan_s, "claim_s": claim_s,
+        "where": "local", "shards": shards, "size": size, "per_shard": per_shard,
+        "plan_s": plan_s, "claim_s": claim_s,
         "generate_s": wall, "shard_wall_s": wall / shards, "shard_write_s": write,
         "shard_commit_s": commit_s / shards,
         **bookkeeping(url), "info_s": info_seconds(url), **first_samples(url),
@@ -126,15 +127,15 @@ def _rewrite_commits(out: OutDir, records: list) -> None:
         out.commit(record)
 
 
-def s3_run(shards: int, base: Path, server) -> dict:
+def s3_run(shards: int, base: Path, server, per_shard: int = 1) -> dict:
     fs, env = server
-    local = base / f"local-{shards}-16"
+    local = base / f"local-{shards}-16-{per_shard}"
     fs.put(str(local), f"bucket/scale-{shards}", recursive=True)
     url = f"s3://bucket/scale-{shards}"
     import datasets  # offline mode would refuse the loopback server as "the network"
 
     datasets.config.HF_HUB_OFFLINE = False
-    result = {"where": "s3 (moto, loopback)", "shards": shards, "size": 16,
+    result = {"where": "s3 (moto, loopback)", "shards": shards, "size": 16, "per_shard": per_shard,
               **bookkeeping(url), "info_s": info_seconds(url, env),
               **first_samples(url)}  # fmt: skip
     return result
@@ -166,17 +167,17 @@ class MotoS3:
 
 def markdown(rows: list[dict]) -> str:
     lines = [
-        "| where | shards | image | plan s | claim s | resume check s | finalize s | finalize "
+        "| where | shards | images/shard | image | plan s | claim s | resume check s | finalize s | finalize "
         "reads / OUT bytes | info s | webdataset first s | parquet first s | per-shard write + "
         "commit s | shard wall s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         per_shard = "-"
         if "shard_write_s" in r:
             per_shard = f"{r['shard_write_s'] + r['shard_commit_s']:.4f}"
         lines.append(
-            f"| {r['where']} | {r['shards']} | {r['size']}² | {r.get('plan_s', float('nan')):.3f} "
+            f"| {r['where']} | {r['shards']} | {r['per_shard']} | {r['size']}² | {r.get('plan_s', float('nan')):.3f} "
             f"| {r.get('claim_s', float('nan')):.3f} | {r['resume_check_s']:.2f} | "
             f"{r['finalize_s']:.2f} | {r['finalize_read_bytes']:,} / {r['out_bytes']:,} "
             f"({100 * r['finalize_read_share']:.2f}%) | {r['info_s']:.2f} | "
@@ -189,8 +190,10 @@ def markdown(rows: list[dict]) -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--shards", type=int, nargs="+", default=[100, 1000, 10_000])
-    parser.add_argument("--sizes", type=int, nargs="+", default=[64, 512],
+    parser.add_argument("--sizes", type=int, nargs="*", default=[64, 512],
                         help="image sides for the bytes-vs-shards comparison at the first count")  # fmt: skip
+    parser.add_argument("--per-shard", type=int, default=1,
+                        help="images per shard (1: the bookkeeping alone; 1000: a corpus's)")  # fmt: skip
     parser.add_argument("--no-s3", action="store_true", help="local disk only")
     parser.add_argument("--markdown", type=Path, help="append a markdown table to this file")
     args = parser.parse_args(argv)
@@ -198,15 +201,15 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory(prefix="synthgen-scale-") as folder:
         base = Path(folder)
         for shards in args.shards:
-            rows.append(local_run(shards, base))
+            rows.append(local_run(shards, base, per_shard=args.per_shard))
             print(json.dumps(rows[-1]), flush=True)
         for size in args.sizes:
-            rows.append(local_run(args.shards[0], base, size))
+            rows.append(local_run(args.shards[0], base, size, args.per_shard))
             print(json.dumps(rows[-1]), flush=True)
         if not args.no_s3:
             with MotoS3() as server:
                 for shards in args.shards:
-                    rows.append(s3_run(shards, base, server))
+                    rows.append(s3_run(shards, base, server, args.per_shard))
                     print(json.dumps(rows[-1]), flush=True)
     if args.markdown:
         with open(args.markdown, "a") as handle:
