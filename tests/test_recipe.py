@@ -282,7 +282,7 @@ def run_validate(path: Path, cwd: Path) -> subprocess.Popen:
 @pytest.fixture(scope="module", autouse=True)
 def console_run(tmp_path_factory):
     """One real `synthgen validate` of a bad recipe, started before the first test so that its
-    torch import (~3 s: `validate` imports torch before it reads the recipe) overlaps them.
+    interpreter start-up overlaps them (`validate` is torch-free: tests/test_startup.py).
     The full list runs through the console script only with SYNTHGEN_SLOW_TESTS=1 (below)."""
     folder = tmp_path_factory.mktemp("console")
     path = BAD_BY_ID["lora-missing"](folder)
@@ -294,7 +294,7 @@ def console_run(tmp_path_factory):
 
 
 def test_console_script_bad_recipe_exits_2_with_one_line(console_run):
-    # It fails after torch and diffusers are imported: importing them must print nothing.
+    # It fails after the LoRA check looked for the file: nothing else may print.
     proc, path = console_run
     out, err = proc.communicate(timeout=120)
     assert out == ""
