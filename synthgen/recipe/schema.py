@@ -287,11 +287,12 @@ class Recipe(Strict):
     @model_validator(mode="after")
     def _sizes_fit(self) -> Recipe:
         if self.generation.mode == "t2i":
-            shards = -(-self.sample_count() // self.shard_size) + len(self.splits) - 1
+            samples = self.sample_count()  # balance quotas: the cells are counted once
+            shards = -(-samples // self.shard_size) + len(self.splits) - 1
             if shards > MAX_SHARDS:
                 raise FieldError(
                     "shard_size",
-                    f"{self.sample_count()} samples in shards of {self.shard_size} make up to "
+                    f"{samples} samples in shards of {self.shard_size} make up to "
                     f"{shards} shards; at most {MAX_SHARDS}: raise shard_size",
                 )
         return self

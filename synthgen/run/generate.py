@@ -147,8 +147,8 @@ def generate(
     """
     execution = execution or Execution()
     check_rank(execution)
-    if recipe.generation.mode == "t2i":
-        build_plan(recipe)  # what the plan refuses (a split left empty) leaves no OUT behind
+    # A t2i plan needs only the recipe: what it refuses (a split left empty) leaves no OUT behind.
+    early = build_plan(recipe) if recipe.generation.mode == "t2i" else None
     out = writable_out(out_url)
     record = read_run_record(out)
     if record is None:  # read-only, before the lease writes anything into a folder not ours
@@ -156,6 +156,8 @@ def generate(
     with hold(out, launch_id(execution, recipe)) as lease:
         if isinstance(record, DamagedRecord) and overwrite:
             plan = build_plan(recipe, check_images=True)  # nothing of the old run can be used
+        elif early is not None and (overwrite or record is None):
+            plan = early  # what plan_for_out would build: nothing earlier to keep
         else:
             plan = plan_for_out(out, recipe, fresh=overwrite)
         return _run(out, recipe, plan, execution, lease, overwrite=overwrite, verify=verify)
