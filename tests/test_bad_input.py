@@ -237,14 +237,13 @@ STRUCTURAL = [
      "less than or equal to 1000000000000000"),
     ("guidance_scale .inf", BASE.replace("steps: 2", "steps: 2, guidance_scale: .inf"),
      "generation.guidance_scale", "finite"),
-    ("lora.scale .nan", BASE.replace("{base: tiny}", "{base: tiny, lora: {path: ./l.safetensors, scale: .nan}}"),
-     "model.lora.scale", "finite"),
-    ("lora.scale .inf", BASE.replace("{base: tiny}", "{base: tiny, lora: {path: ./l.safetensors, scale: .inf}}"),
-     "model.lora.scale", "finite"),
     ("balance quotas past 10^8", BASE.replace("num_samples: 12\n", "").replace(
         "labels:", "balance: {by: [sex], per_cell: 90000000}\nlabels:"), "balance.per_cell",
      "at most 100000000"),
 ]  # fmt: skip
+LORA = "{base: tiny, lora: {path: ./l.safetensors, scale: %s}}"
+STRUCTURAL += [(f"lora.scale {value}", BASE.replace("{base: tiny}", LORA % value),
+                "model.lora.scale", "finite") for value in (".nan", ".inf")]  # fmt: skip
 
 
 @pytest.mark.parametrize("fault, text, where, words", STRUCTURAL, ids=[s[0] for s in STRUCTURAL])
