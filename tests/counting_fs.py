@@ -9,16 +9,18 @@ from __future__ import annotations
 
 
 class CountingFS:
-    """`read`: bytes read so far; `opened`: the paths opened for reading, in order."""
+    """`read`: bytes read so far; `opened`: the paths opened for reading, in order; `fetched`:
+    the files read whole (`cat_file`, one round trip each on an object store)."""
 
     def __init__(self, fs):
-        self.fs, self.read, self.opened = fs, 0, []
+        self.fs, self.read, self.opened, self.fetched = fs, 0, [], []
 
     def __getattr__(self, name):
         return getattr(self.fs, name)
 
     def cat_file(self, path, *args, **kwargs):
         data = self.fs.cat_file(path, *args, **kwargs)
+        self.fetched.append(path)
         self.read += len(data)
         return data
 

@@ -23,6 +23,7 @@ import yaml
 from tqdm import tqdm
 
 from synthgen.errors import OutputError, RecipeError
+from synthgen.output.record_packs import PACK, listed_md5, pack_bytes, unpacked
 from synthgen.output.records import Manifest, ModelRecord, RunRecord, ShardRecord, repair
 from synthgen.recipe.schema import Recipe, recipe_from_dict
 
@@ -38,6 +39,7 @@ MODEL_RECORD = f"{STATE}/model.json"
 AUDIT_SECTION = f"{STATE}/audit.md"  # the card's audit table, written by `audit --append-to-card`
 LOGS = f"{STATE}/logs"
 LEASES = f"{STATE}/leases"  # one file per process writing into OUT (synthgen.output.lock)
+PACKS = f"{STATE}/packs"  # copies of many commit records in one file (synthgen.output.record_packs)
 WIDS_INDEX = WEBDATASET + "/{split}.wids.json"
 # A shard's name (plan.py): split, the strength tag of an i2i sweep, at least six digits.
 SHARD_NAME = r"[a-z][a-z0-9_]*(-s\d{4})?-\d{6,}"
@@ -236,25 +238,60 @@ class OutDir:
 
     def committed_names(self) -> set[str]:
         """Names of the committed shards, from one listing (no record is read)."""
-        return {
-            name.removesuffix(".json")
-            for name in self.listdir(COMMITS)
-            if name.endswith(".json") and not is_temporary(name)
-        }
+        return set(self._commit_listing())
+
+    def _commit_listing(self) -> dict[str, dict[str, Any]]:
+        """Each committed shard's name and the listing's entry for its record (size; on S3 the
+        ETag), from one listing that bypasses fsspec's cache (see `listdir`)."""
+        folder = self.path(COMMITS)
+        self.fs.invalidate_cache(folder)
+        if not self.fs.exists(folder):
+            return {}
+        listing = {}
+        for info in self.fs.ls(folder, detail=True):
+            name = posixpath.basename(info["name"].rstrip("/"))
+            if name.endswith(".json") and not is_temporary(name):
+                listing[name.removesuffix(".json")] = info
+        return listing
 
     def committed_records(self, progress: bool = False) -> dict[str, ShardRecord]:
         """Every commit record, from one listing; a damaged one is an OutputError."""
-        return self._fetch(sorted(self.committed_names()), self.commit_record, progress)
+        listing = self._commit_listing()
+        return self._records(sorted(listing), listing, self.commit_record, progress)
 
     def readable_commit_records(self, names: list[str]) -> dict[str, ShardRecord | None]:
         """The commit records of `names`, None where one cannot be read (a resume redoes it)."""
-        return self._fetch(names, self._commit_record_or_none, progress=len(names) > 500)
+        listing = self._commit_listing()
+        return self._records(names, listing, self._commit_record_or_none, len(names) > 500)
 
     def _commit_record_or_none(self, shard_name: str) -> ShardRecord | None:
         try:
             return self.commit_record(shard_name)
         except OutputError:
             return None
+
+    def _records(
+        self, names: list[str], listing: dict, load: Callable[[str], Any], progress: bool
+    ) -> dict:
+        """The records of `names`: from packs where the listing vouches for their bytes, the
+        rest with `load`, one round trip each."""
+        vouched = {name: md5 for name in names if (md5 := listed_md5(listing.get(name, {})))}
+        packed = self._packed(vouched) if vouched else {}
+        fetched = self._fetch([name for name in names if name not in packed], load, progress)
+        return {name: packed[name] if name in packed else fetched[name] for name in names}
+
+    def _packed(self, vouched: dict[str, str]) -> dict[str, ShardRecord]:
+        packs = [name for name in self.listdir(PACKS) if PACK.fullmatch(name)]
+        records: dict[str, ShardRecord] = {}
+        for data in self._fetch(packs, self._pack_bytes, progress=False).values():
+            records.update(unpacked(data, vouched, self.commit_path))
+        return records
+
+    def _pack_bytes(self, name: str) -> bytes:
+        try:
+            return self.read_bytes(f"{PACKS}/{name}")
+        except OSError:  # gone or unreadable: its records are read one by one
+            return b""
 
     def _fetch(self, names: list[str], load: Callable[[str], Any], progress: bool) -> dict:
         """`load` of every name, in parallel (an object store answers each in a round trip),
@@ -269,6 +306,10 @@ class OutDir:
     def commit(self, record: ShardRecord) -> None:
         """Write a shard's commit record: the last step, after its files are in place."""
         self.write_atomic(self.commit_path(record.name), record.to_json())
+
+    def write_pack(self, records: list[ShardRecord]) -> None:
+        """Write a pack of committed records (a copy: see synthgen.output.record_packs)."""
+        self.write_atomic(f"{PACKS}/{uuid.uuid4().hex[:12]}.json", pack_bytes(records))
 
     def remove_temporaries(
         self, is_own: Callable[[str], bool], folders: tuple[str, ...] | None = None

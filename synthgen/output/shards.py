@@ -11,6 +11,7 @@ import contextlib
 import hashlib
 import io
 import json
+import logging
 import os
 import queue
 import threading
@@ -25,7 +26,9 @@ import pyarrow.parquet as pq
 import webdataset as wds
 from PIL import Image
 
+from synthgen.errors import OutputError
 from synthgen.output.outdir import PARQUET, WEBDATASET, OutDir
+from synthgen.output.record_packs import PACK_SIZE
 from synthgen.output.records import ShardRecord
 from synthgen.plan import SampleSpec, ShardTask
 from synthgen.recipe.joint import LabelModel
@@ -33,6 +36,7 @@ from synthgen.recipe.quality import bind_checks, grouping
 from synthgen.recipe.quality_stats import QualityTally, SampleVerdict, column_kinds
 from synthgen.recipe.schema import Recipe
 
+log = logging.getLogger(__name__)
 IMAGE_SUFFIX = {"png": "png", "jpg": "jpg", "webp": "webp"}
 PIL_FORMAT = {"png": "PNG", "jpg": "JPEG", "webp": "WEBP"}
 TAR_MTIME = 0  # fixed, so two runs of one recipe write byte-identical tars
@@ -283,7 +287,8 @@ class ShardStream:
 
 
 class ShardWriter:
-    """Writes shards one after another; `close` (or a `with` block) stops its encoder threads."""
+    """Writes shards one after another; `close` (or a `with` block) packs the records not yet
+    packed and stops its encoder threads."""
 
     def __init__(
         self,
@@ -296,6 +301,7 @@ class ShardWriter:
         self.recipe = recipe
         self.encoders = encoders or min(8, os.cpu_count() or 1)
         self.pool = ThreadPoolExecutor(self.encoders, "encode")
+        self.unpacked: list[ShardRecord] = []  # committed, in no pack yet
         self.features = dataset_features(recipe)
         self.labels = LabelModel(recipe.labels)
         self.suffix = IMAGE_SUFFIX[recipe.output.image_format]
@@ -310,7 +316,19 @@ class ShardWriter:
                                           balance.bins if balance else None)  # fmt: skip
 
     def close(self) -> None:
+        self._pack()
         self.pool.shutdown(wait=True)
+
+    def _pack(self) -> None:
+        """Write the committed records not yet packed as one pack. A pack only saves readers
+        round trips, so failing to write one never fails a committed shard."""
+        if not self.unpacked:
+            return
+        try:
+            self.out.write_pack(self.unpacked)
+        except OutputError as error:
+            log.warning("records not packed: %s", error.message)
+        self.unpacked = []
 
     def __enter__(self) -> ShardWriter:
         return self
@@ -383,6 +401,9 @@ class ShardWriter:
             quality=quality,
         )
         self.out.commit(record)
+        self.unpacked.append(record)
+        if len(self.unpacked) >= PACK_SIZE:
+            self._pack()
         return record
 
     def _entry(self, sample: Pending, image: bytes) -> tuple[dict, dict]:

@@ -303,6 +303,9 @@ class _RayShardWorker:
 
         return self.worker.run_shard(task).count, ray.get_runtime_context().get_node_id()
 
+    def close(self) -> None:
+        self.worker.close()
+
 
 class RayActors:
     """One actor per GPU of the cluster (or one CPU actor per `--devices` entry without GPUs)."""
@@ -346,7 +349,18 @@ class RayActors:
             if retry:
                 pending.append(index)
             idle.append(actor)
+        self._close(ray, idle)
         return attempts.outcome
+
+    @staticmethod
+    def _close(ray, actors: list) -> None:
+        """Let every actor close its worker (its last records are packed then); one that died
+        closing loses only that."""
+        for ref in [actor.close.remote() for actor in actors]:
+            try:
+                ray.get(ref)
+            except Exception:  # noqa: BLE001 - the shards are committed; only a pack is lost
+                log.warning("a Ray actor died while closing its worker")
 
     def _connect(self, ray) -> None:
         if ray.is_initialized():

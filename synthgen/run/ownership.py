@@ -24,6 +24,7 @@ from synthgen.output.outdir import (
     LOGS,
     MANIFEST,
     MODEL_RECORD,
+    PACKS,
     PREVIEWS,
     RECIPE,
     RUN_RECORD,
@@ -33,6 +34,7 @@ from synthgen.output.outdir import (
     final_name,
     shard_files,
 )
+from synthgen.output.record_packs import PACK
 from synthgen.preview.plots import plot_name
 from synthgen.recipe.schema import Recipe
 
@@ -40,6 +42,7 @@ FIXED = (CARD, RECIPE, MANIFEST, RUN_RECORD, MODEL_RECORD, AUDIT_SECTION, SHEET)
 _BY_PATTERN = re.compile(
     rf"{re.escape(LOGS)}/worker-(r\d+-)?\d+\.log"  # the pool's worker logs
     rf"|{re.escape(LEASES)}/[0-9a-f]{{12}}\.json"  # synthgen.output.lock
+    rf"|{re.escape(PACKS)}/{PACK.pattern}"  # synthgen.output.record_packs
 )
 _COMMIT = re.compile(rf"{re.escape(COMMITS)}/({SHARD_NAME})\.json")
 
