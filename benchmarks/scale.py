@@ -15,6 +15,7 @@ import argparse
 import json
 import logging
 import os
+import socket
 import subprocess
 import sys
 import tempfile
@@ -127,7 +128,7 @@ def _rewrite_commits(out: OutDir, records: list) -> None:
         out.commit(record)
 
 
-def s3_run(shards: int, base: Path, server, per_shard: int = 1) -> dict:
+def s3_run(shards: int, base: Path, server, per_shard: int = 1, moto: str = "process") -> dict:
     fs, env = server
     local = base / f"local-{shards}-16-{per_shard}"
     fs.put(str(local), f"bucket/scale-{shards}", recursive=True)
@@ -135,22 +136,35 @@ def s3_run(shards: int, base: Path, server, per_shard: int = 1) -> dict:
     import datasets  # offline mode would refuse the loopback server as "the network"
 
     datasets.config.HF_HUB_OFFLINE = False
-    result = {"where": "s3 (moto, loopback)", "shards": shards, "size": 16, "per_shard": per_shard,
+    result = {"where": f"s3 (moto {moto}, loopback)", "shards": shards, "size": 16, "per_shard": per_shard,
               **bookkeeping(url), "info_s": info_seconds(url, env),
               **first_samples(url)}  # fmt: skip
     return result
 
 
 class MotoS3:
-    """moto's S3 on 127.0.0.1 for this process (env vars point s3fs at it)."""
+    """moto's S3 on 127.0.0.1 (env vars point s3fs at it): in a process of its own, as any
+    store is, or (`thread`) in a thread of this one, where it shares the client's GIL and
+    serves about 100 requests/s on two cores."""
+
+    def __init__(self, where: str = "process"):
+        self.where = where
 
     def __enter__(self):
-        from moto.server import ThreadedMotoServer
+        if self.where == "thread":
+            from moto.server import ThreadedMotoServer
 
-        logging.getLogger("werkzeug").setLevel(logging.WARNING)
-        self.server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-        self.server.start()
-        host, port = self.server.get_host_and_port()
+            logging.getLogger("werkzeug").setLevel(logging.WARNING)
+            self.server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+            self.server.start()
+            host, port = self.server.get_host_and_port()
+        else:
+            host, port = "127.0.0.1", free_port()
+            self.server = subprocess.Popen(
+                [sys.executable, "-m", "moto.server", "-H", host, "-p", str(port)],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            )  # fmt: skip
+            wait_for(host, port)
         values = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
                   "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": f"http://{host}:{port}",
                   "NO_PROXY": "127.0.0.1,localhost"}  # fmt: skip
@@ -162,7 +176,29 @@ class MotoS3:
         return fs, dict(os.environ)
 
     def __exit__(self, *exc_info) -> None:
-        self.server.stop()
+        if self.where == "thread":
+            self.server.stop()
+        else:
+            self.server.terminate()
+            self.server.wait()
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def wait_for(host: str, port: int, seconds: float = 60.0) -> None:
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            socket.create_connection((host, port), timeout=1).close()
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
 
 
 def markdown(rows: list[dict]) -> str:
@@ -195,6 +231,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--per-shard", type=int, default=1,
                         help="images per shard (1: the bookkeeping alone; 1000: a corpus's)")  # fmt: skip
     parser.add_argument("--no-s3", action="store_true", help="local disk only")
+    parser.add_argument("--moto", choices=["process", "thread"], default="process",
+                        help="run moto's server in its own process or in a thread of this one")  # fmt: skip
     parser.add_argument("--markdown", type=Path, help="append a markdown table to this file")
     args = parser.parse_args(argv)
     rows = []
@@ -207,9 +245,9 @@ def main(argv: list[str] | None = None) -> None:
             rows.append(local_run(args.shards[0], base, size, args.per_shard))
             print(json.dumps(rows[-1]), flush=True)
         if not args.no_s3:
-            with MotoS3() as server:
+            with MotoS3(args.moto) as server:
                 for shards in args.shards:
-                    rows.append(s3_run(shards, base, server, args.per_shard))
+                    rows.append(s3_run(shards, base, server, args.per_shard, args.moto))
                     print(json.dumps(rows[-1]), flush=True)
     if args.markdown:
         with open(args.markdown, "a") as handle:

@@ -79,7 +79,7 @@ def test_on_s3_records_come_from_the_packs(packed, on_s3):
     assert records == OutDir(str(packed)).committed_records()  # local disk reads each record
     assert fetched_records(on_s3) == []
     assert len(on_s3.fs.fetched) == math.ceil(10 / 3)  # the packs, and nothing else
-    readable = on_s3.readable_commit_records(sorted(records))
+    readable = on_s3.readable_commit_records(sorted(records), on_s3.listing())
     assert readable == records and fetched_records(on_s3) == []
 
 

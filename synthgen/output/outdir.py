@@ -46,6 +46,7 @@ SHARD_NAME = r"[a-z][a-z0-9_]*(-s\d{4})?-\d{6,}"
 RECORD_FETCHERS = 16  # commit records read at once
 # The one temporary-name rule: NAME.tmp-<12 hex digits>, nothing looser.
 _TEMPORARY = re.compile(r"\.tmp-[0-9a-f]{12}$")
+COMMIT_FILE = re.compile(rf"{re.escape(COMMITS)}/({SHARD_NAME})\.json")  # group 1: the shard
 
 
 def temporary_name(relative: str) -> str:
@@ -159,22 +160,24 @@ class OutDir:
             return []
         return sorted(posixpath.basename(p.rstrip("/")) for p in self.fs.ls(folder, detail=False))
 
-    def all_files(self) -> list[str]:
-        """Every file below the root, as paths relative to it."""
-        self.fs.invalidate_cache(self.root)
-        if not self.exists():
-            return []
-        prefix = self.root.rstrip("/") + "/"
-        return sorted(p.removeprefix(prefix) for p in self.fs.find(self.root))
-
-    def file_sizes(self) -> dict[str, int]:
-        """Every file below the root with its size in bytes, from one listing (no reads)."""
+    def listing(self) -> dict[str, dict[str, Any]]:
+        """Everything below the root, folders too, with the store's entry for it (type, size; on
+        S3 the ETag), as paths relative to the root, from one listing (no reads). Folders are
+        kept so that one where a record belongs is seen, and said to be in the way."""
         self.fs.invalidate_cache(self.root)
         if not self.exists():
             return {}
         prefix = self.root.rstrip("/") + "/"
-        listing = self.fs.find(self.root, detail=True)
-        return {path.removeprefix(prefix): info["size"] for path, info in listing.items()}
+        found = self.fs.find(self.root, withdirs=True, detail=True)
+        return {p.removeprefix(prefix): info for p, info in found.items() if p.startswith(prefix)}
+
+    def all_files(self) -> list[str]:
+        """Every file below the root, as paths relative to it."""
+        return sorted(files_in(self.listing()))
+
+    def file_sizes(self) -> dict[str, int]:
+        """Every file below the root with its size in bytes, from one listing (no reads)."""
+        return files_in(self.listing())
 
     def recipe(self) -> Recipe:
         """The recipe as run (recipe.yaml)."""
@@ -241,28 +244,32 @@ class OutDir:
         return set(self._commit_listing())
 
     def _commit_listing(self) -> dict[str, dict[str, Any]]:
-        """Each committed shard's name and the listing's entry for its record (size; on S3 the
-        ETag), from one listing that bypasses fsspec's cache (see `listdir`)."""
+        """Each committed shard's name and the listing's entry for its record, from one listing
+        of the commits folder that bypasses fsspec's cache (see `listdir`)."""
         folder = self.path(COMMITS)
         self.fs.invalidate_cache(folder)
         if not self.fs.exists(folder):
             return {}
-        listing = {}
-        for info in self.fs.ls(folder, detail=True):
-            name = posixpath.basename(info["name"].rstrip("/"))
-            if name.endswith(".json") and not is_temporary(name):
-                listing[name.removesuffix(".json")] = info
-        return listing
+        entries = self.fs.ls(folder, detail=True)
+        return _commits_in(
+            {f"{COMMITS}/{posixpath.basename(e['name'].rstrip('/'))}": e for e in entries}
+        )
 
-    def committed_records(self, progress: bool = False) -> dict[str, ShardRecord]:
-        """Every commit record, from one listing; a damaged one is an OutputError."""
-        listing = self._commit_listing()
-        return self._records(sorted(listing), listing, self.commit_record, progress)
+    def committed_records(
+        self, progress: bool = False, listing: dict[str, dict] | None = None
+    ) -> dict[str, ShardRecord]:
+        """Every commit record (of `listing`, OUT's `listing()` if the caller has one, else of a
+        listing of the commits); a damaged one is an OutputError."""
+        commits = _commits_in(listing) if listing is not None else self._commit_listing()
+        return self._records(sorted(commits), commits, self.commit_record, progress)
 
-    def readable_commit_records(self, names: list[str]) -> dict[str, ShardRecord | None]:
-        """The commit records of `names`, None where one cannot be read (a resume redoes it)."""
-        listing = self._commit_listing()
-        return self._records(names, listing, self._commit_record_or_none, len(names) > 500)
+    def readable_commit_records(
+        self, names: list[str], listing: dict[str, dict]
+    ) -> dict[str, ShardRecord | None]:
+        """The commit records of `names` (committed in OUT's `listing()`), None where one cannot
+        be read (a resume redoes it)."""
+        commits = _commits_in(listing)
+        return self._records(names, commits, self._commit_record_or_none, len(names) > 500)
 
     def _commit_record_or_none(self, shard_name: str) -> ShardRecord | None:
         try:
@@ -312,19 +319,35 @@ class OutDir:
         self.write_atomic(f"{PACKS}/{uuid.uuid4().hex[:12]}.json", pack_bytes(records))
 
     def remove_temporaries(
-        self, is_own: Callable[[str], bool], folders: tuple[str, ...] | None = None
+        self,
+        is_own: Callable[[str], bool],
+        folders: tuple[str, ...] | None = None,
+        files: list[str] | None = None,
     ) -> int:
         """Delete what killed writers left behind (in `folders` only, if given): temporaries of
         files synthgen writes (`is_own` of their final name), never a user's `x.tmp-…`. Lease
-        files are left to the lease. Returns how many files went."""
+        files are left to the lease. `files`: OUT's files if the caller has just listed them.
+        Returns how many files went."""
         leftovers = [
-            p for p in self.all_files()
+            p for p in (self.all_files() if files is None else files)
             if is_temporary(p) and is_own(final_name(p)) and not p.startswith(f"{LEASES}/")
             and (folders is None or p.startswith(folders))
         ]  # fmt: skip
         for relative in leftovers:
             self.remove(relative)
         return len(leftovers)
+
+
+def files_in(listing: dict[str, dict]) -> dict[str, int]:
+    """The files (all but folders, as `find` has it) of an OUT `listing()`, with their sizes."""
+    return {path: info["size"] for path, info in listing.items() if info["type"] != "directory"}
+
+
+def _commits_in(listing: dict[str, dict]) -> dict[str, dict]:
+    """The committed shards' names and listing entries among OUT's files."""
+    return {
+        m.group(1): info for path, info in listing.items() if (m := COMMIT_FILE.fullmatch(path))
+    }
 
 
 def writable_out(url: str, create: bool = True) -> OutDir:

@@ -32,6 +32,7 @@ from synthgen.output.outdir import (
     PREVIEWS,
     WEBDATASET,
     OutDir,
+    files_in,
     writable_out,
 )
 from synthgen.output.read import ShardReader
@@ -53,8 +54,9 @@ def finalize(out: OutDir, audit_section: str | None = None) -> Manifest:
     run = out.run_record()
     if run is None:
         raise OutputError("no run record: this is not a synthgen output directory", file=out.url)
+    listing = out.listing()  # one listing for the records and the leftovers
     try:
-        records = out.committed_records(progress=len(run.tasks) >= PROGRESS_FROM)
+        records = out.committed_records(len(run.tasks) >= PROGRESS_FROM, listing)
         shards = committed_in_order(run.tasks, records)
     except OutputError as error:
         raise OutputError(error.message, file=out.url) from None
@@ -64,7 +66,8 @@ def finalize(out: OutDir, audit_section: str | None = None) -> Manifest:
         out.write_atomic(AUDIT_SECTION, audit_section.encode())
     # Shard leftovers only: another rank may be finalizing too, with its own README tmp file.
     own = own_paths(recipe, [t.name for t in run.tasks], [t.split for t in run.tasks])
-    out.remove_temporaries(own.__contains__, (f"{WEBDATASET}/", f"{PARQUET}/", f"{COMMITS}/"))
+    shard_folders = (f"{WEBDATASET}/", f"{PARQUET}/", f"{COMMITS}/")
+    out.remove_temporaries(own.__contains__, shard_folders, list(files_in(listing)))
     reader = ShardReader(out, label_encodings(recipe))
     stats = merged_label_stats(recipe, shards, reader)
     manifest = build_manifest(recipe, run, shards, model)

@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from synthgen.errors import SynthgenError
 from synthgen.output.lock import Lease, hold
-from synthgen.output.outdir import MANIFEST, OutDir, writable_out
+from synthgen.output.outdir import MANIFEST, OutDir, files_in, writable_out
 from synthgen.output.records import ShardRecord
 from synthgen.plan import Plan, ShardTask
 from synthgen.recipe.schema import Recipe
@@ -81,9 +81,10 @@ def run_state(
     sizes from one listing catches that without reading terabytes. `verify` re-hashes every
     file, for damage that keeps the size.
     """
-    on_disk = out.file_sizes()
+    listing = out.listing()
+    on_disk = files_in(listing)
     records = out.readable_commit_records(
-        [task.name for task in tasks if out.commit_path(task.name) in on_disk]
+        [task.name for task in tasks if out.commit_path(task.name) in on_disk], listing
     )
     done, todo = [], []
     for task in tasks:

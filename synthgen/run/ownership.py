@@ -18,6 +18,7 @@ from synthgen.output.card import SHEET
 from synthgen.output.outdir import (
     AUDIT_SECTION,
     CARD,
+    COMMIT_FILE,
     COMMITS,
     CROISSANT,
     LEASES,
@@ -28,7 +29,6 @@ from synthgen.output.outdir import (
     PREVIEWS,
     RECIPE,
     RUN_RECORD,
-    SHARD_NAME,
     WIDS_INDEX,
     OutDir,
     final_name,
@@ -44,7 +44,6 @@ _BY_PATTERN = re.compile(
     rf"|{re.escape(LEASES)}/[0-9a-f]{{12}}\.json"  # synthgen.output.lock
     rf"|{re.escape(PACKS)}/{PACK.pattern}"  # synthgen.output.record_packs
 )
-_COMMIT = re.compile(rf"{re.escape(COMMITS)}/({SHARD_NAME})\.json")
 
 
 def finalize_paths(recipe: Recipe, splits: Iterable[str]) -> list[str]:
@@ -93,7 +92,7 @@ def recorded_ownership(out: OutDir, files: Iterable[str]) -> Ownership:
         recipe = out.recipe() if out.exists(RECIPE) else None
     except SynthgenError:
         recipe = None
-    names = {match.group(1) for path in files if (match := _COMMIT.fullmatch(path))}
+    names = {match.group(1) for path in files if (match := COMMIT_FILE.fullmatch(path))}
     splits: set[str] = set(recipe.splits) if recipe is not None else set()
     if run is not None:
         names |= {task.name for task in run.tasks}
