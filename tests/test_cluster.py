@@ -4,12 +4,14 @@ process writes. Nothing may assume the driver's disk is the workers': OUT is on 
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 
 import pytest
 from conftest import run_cli, small_recipe, write_recipe
 
+from synthgen.output.outdir import COMMITS, PACKS
 from synthgen.recipe.schema import load_recipe
 from synthgen.run.generate import generate
 from synthgen.run.launch import Execution
@@ -61,3 +63,9 @@ def test_two_node_ray_cluster_writes_the_one_process_dataset_to_s3(
     for path in one:  # the manifest and card too: they record nothing of where shards ran
         assert one[path] == many[path], path
     assert not os.path.exists(tmp_path / "s3:")  # nothing went to a local path named like OUT
+    packs = [json.loads(fs.cat_file(p))["records"] for p in fs.find(f"bucket/cluster/{PACKS}")]
+    assert len(packs) == 2  # each actor packs the records it committed when it is closed
+    committed = {
+        p.rsplit("/", 1)[1].removesuffix(".json") for p in fs.ls(f"bucket/cluster/{COMMITS}")
+    }
+    assert sorted(name for pack in packs for name in pack) == sorted(committed)
