@@ -71,7 +71,11 @@ def _finalized(out: OutDir, recipe: Recipe, tasks: list[ShardTask], on_disk: dic
 
 
 def run_state(
-    out: OutDir, recipe: Recipe, tasks: list[ShardTask], verify: bool = False
+    out: OutDir,
+    recipe: Recipe,
+    tasks: list[ShardTask],
+    verify: bool = False,
+    listing: dict[str, dict] | None = None,
 ) -> RunState:
     """Split the plan into intact and to-do shards; a damaged shard is to do again, also in an
     OUT that was complete.
@@ -79,9 +83,10 @@ def run_state(
     A shard's files were complete when its commit record was written (they are renamed into
     place first), so what can go wrong later is a file lost or cut short: checking names and
     sizes from one listing catches that without reading terabytes. `verify` re-hashes every
-    file, for damage that keeps the size.
+    file, for damage that keeps the size. `listing`: OUT's `listing()`, if the caller has just
+    taken one (on an object store, listing 10^4 shards' files is the check's main cost).
     """
-    listing = out.listing()
+    listing = out.listing() if listing is None else listing
     on_disk = files_in(listing)
     records = out.readable_commit_records(
         [task.name for task in tasks if out.commit_path(task.name) in on_disk], listing
@@ -178,10 +183,11 @@ def _run(
     claim_output(out, recipe, plan, overwrite=overwrite, follower=follower)
     tasks = plan.tasks
     skipped = len(plan.cohort.skipped) if plan.cohort is not None else 0
+    listing = out.listing()  # removing leftovers changes nothing the resume check looks at
     if not execution.ranked:  # ranks leave them: another rank may be writing one right now
         own = own_paths(recipe, [t.name for t in tasks], [t.split for t in tasks])
-        out.remove_temporaries(own.__contains__)
-    state = run_state(out, recipe, tasks, verify=verify)
+        out.remove_temporaries(own.__contains__, files=list(files_in(listing)))
+    state = run_state(out, recipe, tasks, verify=verify, listing=listing)
     if state.complete:
         return RunResult(plan.total, 0, 0.0, True, len(tasks), skipped, True, {})
     mine = rank_share(tasks, execution.rank, execution.world_size) if execution.ranked else tasks
