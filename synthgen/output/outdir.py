@@ -302,10 +302,11 @@ class OutDir:
 
     def _fetch(self, names: list[str], load: Callable[[str], Any], progress: bool) -> dict:
         """`load` of every name, in parallel (an object store answers each in a round trip),
-        with a progress bar on stderr when `progress`."""
+        with a progress bar on stderr when `progress` (and something is left to read: the packs
+        may have held every record)."""
         with ThreadPoolExecutor(RECORD_FETCHERS) as pool:
             records = pool.map(load, names)
-            if progress:
+            if progress and names:
                 records = tqdm(records, total=len(names), desc="reading commit records",
                                unit="shard", file=sys.stderr, leave=False)  # fmt: skip
             return dict(zip(names, records))
