@@ -1,5 +1,5 @@
 """Record packs: many commit records in one file, so reading 10^4 of them from an object store
-takes a few hundred round trips, not 10^4.
+takes about 40 round trips, not 10^4.
 
 A worker writes a pack of the records it committed every `PACK_SIZE` shards and when it stops.
 A pack is only a copy: the commit record of each shard stays the truth. A reader takes a packed
@@ -53,9 +53,7 @@ def unpacked(data: bytes, vouched: dict[str, str], commit_path) -> dict[str, Sha
         if hashlib.md5(raw, usedforsecurity=False).hexdigest() != vouched[name]:
             continue
         try:
-            record = ShardRecord.from_json(raw, commit_path(name))
+            records[name] = ShardRecord.from_json(raw, commit_path(name))
         except OutputError:
             continue  # the same bytes as the record file: reading that one reports the damage
-        if record.name == name:
-            records[name] = record
     return records
