@@ -88,19 +88,25 @@ def info_seconds(url: str, env: dict | None = None) -> float:
     return time.perf_counter() - started
 
 
-def bookkeeping(url: str) -> dict[str, float]:
-    """What the resume check and finalize cost on a complete OUT, and what finalize reads."""
+def bookkeeping(url: str, server_cpu=None) -> dict[str, float]:
+    """What the resume check and finalize cost on a complete OUT, and what finalize reads.
+    `server_cpu`: the store's CPU seconds so far, where it runs here (the share of the check
+    that is the server's own work, which no client can take away)."""
     out = OutDir(url)
     tasks = out.run_record().tasks
+    listing_s, _ = timed(out.listing)
+    server_before = server_cpu() if server_cpu else float("nan")
     resume_s, _ = timed(run_state, out, out.recipe(), tasks)
+    server_s = server_cpu() - server_before if server_cpu else float("nan")
     finalize(out)  # warm: imports and caches, so the next call measures finalize alone
     out.fs = counting = CountingFS(out.fs)
     finalize_s, _ = timed(finalize, out)
     read = counting.read
     out.fs = counting.fs
     total = out_bytes(out)
-    return {"resume_check_s": resume_s, "finalize_s": finalize_s, "finalize_read_bytes": read,
-            "out_bytes": total, "finalize_read_share": read / total}  # fmt: skip
+    return {"listing_s": listing_s, "resume_check_s": resume_s, "server_cpu_in_check_s": server_s,
+            "finalize_s": finalize_s, "finalize_read_bytes": read, "out_bytes": total,
+            "finalize_read_share": read / total}  # fmt: skip
 
 
 def local_run(shards: int, base: Path, size: int = 16, per_shard: int = 1) -> dict:
@@ -128,16 +134,16 @@ def _rewrite_commits(out: OutDir, records: list) -> None:
         out.commit(record)
 
 
-def s3_run(shards: int, base: Path, server, per_shard: int = 1, moto: str = "process") -> dict:
-    fs, env = server
+def s3_run(shards: int, base: Path, server: MotoS3, per_shard: int = 1) -> dict:
+    fs, env = server.fs, server.env
     local = base / f"local-{shards}-16-{per_shard}"
     fs.put(str(local), f"bucket/scale-{shards}", recursive=True)
     url = f"s3://bucket/scale-{shards}"
     import datasets  # offline mode would refuse the loopback server as "the network"
 
     datasets.config.HF_HUB_OFFLINE = False
-    result = {"where": f"s3 (moto {moto}, loopback)", "shards": shards, "size": 16, "per_shard": per_shard,
-              **bookkeeping(url), "info_s": info_seconds(url, env),
+    result = {"where": f"s3 (moto {server.where}, loopback)", "shards": shards, "size": 16, "per_shard": per_shard,
+              **bookkeeping(url, server.cpu_seconds), "info_s": info_seconds(url, env),
               **first_samples(url)}  # fmt: skip
     return result
 
@@ -171,9 +177,19 @@ class MotoS3:
         os.environ.update(values)
         import s3fs
 
-        fs = s3fs.S3FileSystem(endpoint_url=values["AWS_ENDPOINT_URL"], skip_instance_cache=True)
-        fs.mkdir("bucket")
-        return fs, dict(os.environ)
+        self.fs = s3fs.S3FileSystem(
+            endpoint_url=values["AWS_ENDPOINT_URL"], skip_instance_cache=True
+        )
+        self.fs.mkdir("bucket")
+        self.env = dict(os.environ)
+        return self
+
+    def cpu_seconds(self) -> float:
+        """The server process's CPU time so far (user + system; nan in a thread of this one)."""
+        if self.where == "thread":
+            return float("nan")
+        fields = Path(f"/proc/{self.server.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
     def __exit__(self, *exc_info) -> None:
         if self.where == "thread":
@@ -203,10 +219,10 @@ def wait_for(host: str, port: int, seconds: float = 60.0) -> None:
 
 def markdown(rows: list[dict]) -> str:
     lines = [
-        "| where | shards | images/shard | image | plan s | claim s | resume check s | finalize s | finalize "
-        "reads / OUT bytes | info s | webdataset first s | parquet first s | per-shard write + "
-        "commit s | shard wall s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| where | shards | images/shard | image | plan s | claim s | listing s | resume check s | "
+        "server CPU in the check s | finalize s | finalize reads / OUT bytes | info s | "
+        "webdataset first s | parquet first s | per-shard write + commit s | shard wall s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         per_shard = "-"
@@ -214,8 +230,8 @@ def markdown(rows: list[dict]) -> str:
             per_shard = f"{r['shard_write_s'] + r['shard_commit_s']:.4f}"
         lines.append(
             f"| {r['where']} | {r['shards']} | {r['per_shard']} | {r['size']}² | {r.get('plan_s', float('nan')):.3f} "
-            f"| {r.get('claim_s', float('nan')):.3f} | {r['resume_check_s']:.2f} | "
-            f"{r['finalize_s']:.2f} | {r['finalize_read_bytes']:,} / {r['out_bytes']:,} "
+            f"| {r.get('claim_s', float('nan')):.3f} | {r['listing_s']:.2f} | "
+            f"{r['resume_check_s']:.2f} | {r['server_cpu_in_check_s']:.2f} | {r['finalize_s']:.2f} | {r['finalize_read_bytes']:,} / {r['out_bytes']:,} "
             f"({100 * r['finalize_read_share']:.2f}%) | {r['info_s']:.2f} | "
             f"{r['webdataset_first_s']:.2f} | {r['parquet_first_s']:.2f} | {per_shard} | "
             f"{r.get('shard_wall_s', float('nan')):.4f} |"
@@ -247,7 +263,7 @@ def main(argv: list[str] | None = None) -> None:
         if not args.no_s3:
             with MotoS3(args.moto) as server:
                 for shards in args.shards:
-                    rows.append(s3_run(shards, base, server, args.per_shard, args.moto))
+                    rows.append(s3_run(shards, base, server, args.per_shard))
                     print(json.dumps(rows[-1]), flush=True)
     if args.markdown:
         with open(args.markdown, "a") as handle:

@@ -1,4 +1,5 @@
-"""Record packs: commit records read from an object store in a few round trips, never a stale copy.
+"""Record packs: commit records read from an object store in a few round trips, never a stale copy;
+and OUT's listing there, one listing per folder at once, that sees what one `find` sees.
 
 The packs are written by the real writer during a real (tiny-model) run and read back through
 s3fs from moto's S3 server on loopback, whose listing gives each object's ETag (its MD5).
@@ -107,3 +108,16 @@ def test_damaged_or_missing_packs_leave_every_record_read_on_its_own(on_s3):
     on_s3.fs.fetched.clear()
     assert on_s3.committed_records() == expected
     assert 0 < len(fetched_records(on_s3)) < len(expected)  # only the last pack still serves
+
+
+def test_on_s3_the_listing_by_folders_sees_what_one_find_sees(on_s3):
+    """Files at the top, folders in folders, a folder where a record belongs, a user's file."""
+    fs, root = on_s3.fs, on_s3.root
+    for extra in ("notes.txt", "webdataset/mine/deeper/x.bin", f"{COMMITS}/train-000004.json/x"):
+        fs.pipe(f"{root}/{extra}", b"user")
+    fs.invalidate_cache()
+    everything = fs.find(root, withdirs=True, detail=True)
+    expected = {p.removeprefix(f"{root}/"): e for p, e in everything.items() if p != root}
+    listing = on_s3.listing()
+    assert listing == expected
+    assert {"notes.txt", "webdataset/mine/deeper", f"{COMMITS}/train-000004.json"} <= set(listing)

@@ -7,6 +7,7 @@ write that fails leaves no temporary behind and is one `OutputError` naming the 
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import os
 import posixpath
@@ -20,6 +21,7 @@ from typing import IO, Any
 
 import fsspec
 import yaml
+from fsspec.asyn import sync
 from tqdm import tqdm
 
 from synthgen.errors import OutputError, RecipeError
@@ -164,12 +166,36 @@ class OutDir:
         """Everything below the root, folders too, with the store's entry for it (type, size; on
         S3 the ETag), as paths relative to the root, from one listing (no reads). Folders are
         kept so that one where a record belongs is seen, and said to be in the way."""
+        prefix = self.root.rstrip("/") + "/"
+        for cached in [path for path in self.fs.dircache if path.startswith(prefix)]:
+            # invalidate_cache(root) forgets the root and the folders above it, not those
+            # below, whose stale listings would still shape the folders `find` reports (s3fs)
+            self.fs.dircache.pop(cached, None)
         self.fs.invalidate_cache(self.root)
         if not self.exists():
             return {}
-        prefix = self.root.rstrip("/") + "/"
-        found = self.fs.find(self.root, withdirs=True, detail=True)
+        found = self._find_everything()
         return {p.removeprefix(prefix): info for p, info in found.items() if p.startswith(prefix)}
+
+    def _find_everything(self) -> dict[str, dict[str, Any]]:
+        """`find` of the root, on an object store one listing per top folder, all at once.
+
+        A store lists a prefix a page (1,000 keys) per round trip, one page after another, and
+        OUT's keys are mostly in three folders of one key per shard (tars, Parquet, commit
+        records): listed side by side, the store serves the three at once."""
+        if not getattr(self.fs, "async_impl", False):  # fsspec's mark of an asyncio file system
+            return self.fs.find(self.root, withdirs=True, detail=True)
+        top = self.fs.ls(self.root, detail=True)
+        folders = [entry["name"] for entry in top if entry["type"] == "directory"]
+
+        async def find_folders() -> list[dict[str, dict[str, Any]]]:
+            finds = (self.fs._find(folder, withdirs=True, detail=True) for folder in folders)
+            return await asyncio.gather(*finds)
+
+        found = {entry["name"]: entry for entry in top}
+        for in_folder in sync(self.fs.loop, find_folders):
+            found.update(in_folder)
+        return found
 
     def all_files(self) -> list[str]:
         """Every file below the root, as paths relative to it."""
