@@ -389,6 +389,7 @@ class Plan:
                 raise ValueError("an i2i plan needs the cohort")
             self.layout, self.i2i = None, I2ILayout(recipe, cohort, blocks, parts)
             sizes = {group: len(indices) for group, indices in self.i2i.groups.items()}
+            self._refuse_split_without_patients(sizes)
         else:
             self.layout, self.i2i = T2ILayout(recipe), None
             total = recipe.sample_count()
@@ -470,6 +471,20 @@ class Plan:
             "or drop the split",
             where="num_samples",
         )
+
+    def _refuse_split_without_patients(self, sizes: dict) -> None:
+        """A split asked for and dealt no patient would be missing from the dataset without a
+        word (patients, not rows, are dealt: a patient's images share one split)."""
+        filled = {split for (split, _), size in sizes.items() if size}
+        empty = [split for split in self.recipe.splits if split not in filled]
+        if empty:
+            rows = self.cohort.by_row
+            patients = len({rows[sample.row].patient_id for sample in self.i2i.samples})
+            raise RecipeError(
+                f"the cohort's {patients} patients leave split '{empty[0]}' without a patient: "
+                "give it a larger share, add patients, or drop the split",
+                where="splits",
+            )
 
     def _check_balanced_splits(self, layout: T2ILayout) -> None:
         """Every split must get at least one whole round of the cell pattern."""

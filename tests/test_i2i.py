@@ -236,6 +236,24 @@ def test_i2i_recipe_rules(tmp_path, cohort):
     assert result.returncode == 2 and "generation.strength" in result.stderr
 
 
+def test_a_cohort_too_small_for_its_splits_is_refused_not_left_empty(tmp_path, cohort):
+    """8 patients dealt 90/5/5 leave val and test without a patient: refused, as in t2i."""
+    recipe = {**i2i_recipe(cohort, tmp_path / "l.csv"), "splits": {"train": 0.9, "val": 0.05,
+                                                                  "test": 0.05}}  # fmt: skip
+    path = write_recipe(tmp_path / "r.yaml", recipe)
+    for command in ("validate", "generate"):
+        args = (command, str(path)) + (
+            ("-o", str(tmp_path / "out")) if command == "generate" else ()
+        )
+        result = run_cli(*args, check=False)
+        lines = [
+            line for line in result.stderr.splitlines() if line.strip() and "checking" not in line
+        ]
+        assert result.returncode == 2 and len(lines) == 1, result.stderr
+        assert "splits" in lines[0] and "'val'" in lines[0] and "Traceback" not in result.stderr
+    assert not (tmp_path / "out" / "webdataset").exists()
+
+
 def test_num_samples_limits_a_trial_run_to_the_first_rows(tmp_path, cohort):
     recipe = write_recipe(tmp_path / "r.yaml", i2i_recipe(cohort, tmp_path / "l.csv"))
     result = run_cli("sample", str(recipe), "-n", "100")
