@@ -18,7 +18,7 @@ from counting_fs import CountingFS
 from synthgen.output import shards
 from synthgen.output.outdir import COMMITS, PACKS, OutDir
 from synthgen.output.records import ShardRecord
-from synthgen.recipe.schema import recipe_from_dict
+from synthgen.recipe.schema import Recipe, recipe_from_dict
 from synthgen.run.generate import generate
 from synthgen.run.ownership import recorded_ownership
 
@@ -29,10 +29,13 @@ def packed(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("packs") / "out"
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(shards, "PACK_SIZE", 3)
-        generation = {**small_recipe()["generation"], "steps": 1, "batch_size": 2}
-        recipe = small_recipe(num_samples=20, shard_size=2, generation=generation)
-        generate(recipe_from_dict(recipe), str(out))
+        generate(packed_recipe(), str(out))
     return out
+
+
+def packed_recipe() -> Recipe:
+    generation = {**small_recipe()["generation"], "steps": 1, "batch_size": 2}
+    return recipe_from_dict(small_recipe(num_samples=20, shard_size=2, generation=generation))
 
 
 def pack_contents(out: Path) -> list[dict[str, str]]:
@@ -65,6 +68,8 @@ def on_s3(packed, s3_server, monkeypatch) -> OutDir:
     for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION",
                  "AWS_ENDPOINT_URL"):  # fmt: skip
         monkeypatch.setenv(name, env[name])
+    if fs.exists("bucket/packed"):  # moto keeps what an earlier test put there
+        fs.rm("bucket/packed", recursive=True)
     fs.put(str(packed), "bucket/packed", recursive=True)
     out = OutDir("s3://bucket/packed")
     out.fs = CountingFS(out.fs)
@@ -121,3 +126,14 @@ def test_on_s3_the_listing_by_folders_sees_what_one_find_sees(on_s3):
     listing = on_s3.listing()
     assert listing == expected
     assert {"notes.txt", "webdataset/mine/deeper", f"{COMMITS}/train-000004.json"} <= set(listing)
+
+
+def test_a_resume_of_a_complete_out_on_s3_lists_it_once(on_s3, monkeypatch):
+    """The claim's listing serves the leftovers and the resume check: 10^4 shards' keys are
+    listed once, not twice."""
+    listings = []
+    listing = OutDir.listing
+    monkeypatch.setattr(OutDir, "listing", lambda out: listings.append(out.url) or listing(out))
+    result = generate(packed_recipe(), on_s3.url)
+    assert result.already_complete and result.rendered == 0
+    assert listings == [on_s3.url]

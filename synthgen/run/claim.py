@@ -20,6 +20,7 @@ from synthgen.output.outdir import (
     RECIPE,
     RUN_RECORD,
     OutDir,
+    files_in,
     final_name,
     is_temporary,
 )
@@ -67,22 +68,26 @@ def check_fresh(out: OutDir, files: list[str]) -> None:
 
 def claim_output(
     out: OutDir, recipe: Recipe, plan: Plan, overwrite: bool = False, *, follower: bool = False
-) -> None:
+) -> dict[str, dict] | None:
     """OUT must be empty, hold a run of this very recipe (which then resumes), or, with
     `overwrite`, a run of another recipe (or a damaged run record).
 
     `follower`: a rank other than 0, which leaves replacing another recipe's run to rank 0 and
     waits for it, so no rank removes what another has already rendered.
+    Returns OUT's `listing()` where the claim wrote and removed nothing (a resume of this very
+    recipe), so the resume check need not list 10^4 shards' files again; else None.
     """
     # Listed before the record is read: a file a rank claiming at the same time wrote after its
     # run record is then seen together with that record.
-    files = out.all_files()
+    listing = out.listing()
+    files = sorted(files_in(listing))
     record = read_run_record(out)
     same_recipe = isinstance(record, RunRecord) and record.recipe_sha256 == recipe.sha256()
     if same_recipe and plan.tasks == record.tasks:
-        if not out.exists(RECIPE):  # killed between the run record and recipe.yaml
-            out.write_atomic(RECIPE, recipe.shareable().to_yaml().encode())
-        return
+        if out.exists(RECIPE):
+            return listing
+        out.write_atomic(RECIPE, recipe.shareable().to_yaml().encode())  # killed before it
+        return None
     if record is None:
         check_fresh(out, files)
     elif not overwrite:
@@ -90,7 +95,7 @@ def claim_output(
             raise record.error
         if grows(record, recipe, plan):  # a larger recipe, or the same one over an i2i cohort grown
             grow(out, recipe, plan)
-            return
+            return None
         raise OutputError(
             "holds a run of a different recipe; pass --overwrite to replace it, or choose another "
             "output directory (a corpus grows only by num_samples (t2i), per_cell (balance), or "
@@ -99,12 +104,13 @@ def claim_output(
         )
     elif follower:
         wait_for_rank_zero(out, recipe)
-        return
+        return None
     else:
         clear_previous_run(out, files, recipe, plan)
     if recipe.privacy is not None:
         write_linkage(plan, recipe.privacy.linkage, out)
     write_run(out, recipe, plan)
+    return None
 
 
 def grow(out: OutDir, recipe: Recipe, plan: Plan) -> None:

@@ -180,10 +180,11 @@ def _run(
     verify: bool,
 ) -> RunResult:
     follower = execution.ranked and execution.rank != 0
-    claim_output(out, recipe, plan, overwrite=overwrite, follower=follower)
+    listing = claim_output(out, recipe, plan, overwrite=overwrite, follower=follower)
     tasks = plan.tasks
     skipped = len(plan.cohort.skipped) if plan.cohort is not None else 0
-    listing = out.listing()  # removing leftovers changes nothing the resume check looks at
+    if listing is None:  # the claim changed OUT
+        listing = out.listing()  # removing leftovers changes nothing the resume check looks at
     if not execution.ranked:  # ranks leave them: another rank may be writing one right now
         own = own_paths(recipe, [t.name for t in tasks], [t.split for t in tasks])
         out.remove_temporaries(own.__contains__, files=list(files_in(listing)))
