@@ -78,6 +78,8 @@ def validate(recipe: Path) -> None:
         click.echo("prompt: not checked against the text encoder's limit (no tokenizer here)")
     warn_if_cut(fit)
     plan = build_plan(loaded, check_images=True)
+    for warning in plan.split_warnings():
+        click.echo(f"warning: {warning}", err=True)
     detail = f"{plan.total} samples in {len(plan.tasks)} shards"
     if plan.cohort is not None:
         detail += f" from {len(plan.cohort.rows)} cohort rows"
@@ -215,6 +217,8 @@ def generate(recipe, out, num_samples, devices, workers_per_device, executor, ad
         click.echo(f"warning: {warning}", err=True)
     check_quality_models(loaded)
     result = run(loaded, out, execution, overwrite=overwrite, verify=verify)
+    for warning in result.warnings:
+        click.echo(f"warning: {warning}", err=True)
     if result.already_complete:
         click.echo(
             f"{out} is already complete for this recipe ({result.total} samples): nothing to do"

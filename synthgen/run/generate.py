@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from tqdm import tqdm
 
@@ -112,6 +112,7 @@ class RunResult:
     skipped_rows: int
     finalized: bool
     failed: dict[str, str]
+    warnings: list[str] = field(default_factory=list)  # the plan's (Plan.split_warnings)
 
 
 def progress_bar(total: int, initial: int = 0) -> tqdm:
@@ -190,7 +191,9 @@ def _run(
         out.remove_temporaries(own.__contains__, files=list(files_in(listing)))
     state = run_state(out, recipe, tasks, verify=verify, listing=listing)
     if state.complete:
-        return RunResult(plan.total, 0, 0.0, True, len(tasks), skipped, True, {})
+        return RunResult(
+            plan.total, 0, 0.0, True, len(tasks), skipped, True, {}, plan.split_warnings()
+        )
     mine = rank_share(tasks, execution.rank, execution.world_size) if execution.ranked else tasks
     todo = [task for task in mine if task in state.todo]
     started = time.perf_counter()
@@ -205,5 +208,13 @@ def _run(
     if finalized:
         finalize(out)
     return RunResult(
-        plan.total, rendered, seconds, False, len(state.done), skipped, finalized, outcome.failed
+        plan.total,
+        rendered,
+        seconds,
+        False,
+        len(state.done),
+        skipped,
+        finalized,
+        outcome.failed,
+        plan.split_warnings(),
     )
