@@ -158,6 +158,20 @@ def test_foreign_files_are_never_overwritten(tmp_path):
     assert (out / "notes.txt").read_text() == "mine"
 
 
+def test_a_run_whose_run_record_was_deleted_is_named_as_such_and_kept(tmp_path):
+    recipe = write_recipe(tmp_path / "r.yaml", small_recipe(num_samples=6))
+    out = tmp_path / "out"
+    run_cli("generate", str(recipe), "-o", str(out))
+    (out / ".synthgen" / "run.json").unlink()
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    for extra in ((), ("--overwrite",)):
+        refused = run_cli("generate", str(recipe), "-o", str(out), *extra, check=False)
+        lines = refused.stderr.strip().splitlines()
+        assert refused.returncode == 2 and len(lines) == 1, refused.stderr
+        assert "run record (.synthgen/run.json) is gone" in lines[0]
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+
 def test_writer_refuses_keys_with_dots(tmp_path):
     recipe = recipe_from_dict(small_recipe())
     spec = SampleSpec(index=0, key="unit.0", split="train", seed=1, labels={}, prompt="p")

@@ -19,6 +19,7 @@ from synthgen.output.outdir import (
     MANIFEST,
     RECIPE,
     RUN_RECORD,
+    STATE,
     OutDir,
     files_in,
     final_name,
@@ -58,6 +59,13 @@ def check_fresh(out: OutDir, files: list[str]) -> None:
         if not (is_temporary(path) and final_name(path) in CLAIM_LEFTOVERS)
         and not path.startswith(f"{LEASES}/")
     ]  # fmt: skip
+    if any(path.startswith(f"{STATE}/") for path in foreign):  # commit records, packs, logs
+        raise OutputError(
+            f"holds a synthgen run whose run record ({RUN_RECORD}) is gone: without it synthgen "
+            "cannot tell its files from anyone else's, so it writes nothing here, not with "
+            "--overwrite either; move the folder away or choose another directory",
+            file=out.url,
+        )
     if foreign:
         raise OutputError(
             f"is not empty and holds files synthgen did not write (e.g. {foreign[0]}); choose "
