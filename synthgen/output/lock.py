@@ -175,7 +175,7 @@ class Lease:
 
     def _forget_listing(self) -> None:
         """Object-store file systems cache listings: what other processes wrote must be seen."""
-        self.out.fs.invalidate_cache(self.out.path(LEASES))
+        self.out.forget_listings(LEASES)
 
     def _renew_until_released(self) -> None:
         while not self._stop.wait(self.ttl / 3):

@@ -157,7 +157,7 @@ class OutDir:
         Listings are never served from fsspec's cache: other processes (ranks, Ray actors on
         other nodes) write into OUT, and an object store's cached listing would not show it."""
         folder = self.path(relative)
-        self.fs.invalidate_cache(folder)
+        self.forget_listings(relative)
         if not self.fs.exists(folder):
             return []
         return sorted(posixpath.basename(p.rstrip("/")) for p in self.fs.ls(folder, detail=False))
@@ -167,11 +167,7 @@ class OutDir:
         S3 the ETag), as paths relative to the root, from one listing (no reads). Folders are
         kept so that one where a record belongs is seen, and said to be in the way."""
         prefix = self.root.rstrip("/") + "/"
-        for cached in [path for path in self.fs.dircache if path.startswith(prefix)]:
-            # invalidate_cache(root) forgets the root and the folders above it, not those
-            # below, whose stale listings would still shape the folders `find` reports (s3fs)
-            self.fs.dircache.pop(cached, None)
-        self.fs.invalidate_cache(self.root)
+        self.forget_listings()
         if not self.exists():
             return {}
         found = self._find_everything()
@@ -196,6 +192,16 @@ class OutDir:
         for in_folder in sync(self.fs.loop, find_folders):
             found.update(in_folder)
         return found
+
+    def forget_listings(self, relative: str = "") -> None:
+        """Drop fsspec's cached listings of a folder (the root by default) and of every folder
+        below it: other processes write into OUT. `invalidate_cache(folder)` alone forgets the
+        folder and those above it, and a stale listing below would still shape what `find`
+        reports (s3fs)."""
+        folder = self.path(relative).rstrip("/")
+        for cached in [path for path in self.fs.dircache if path.startswith(f"{folder}/")]:
+            self.fs.dircache.pop(cached, None)
+        self.fs.invalidate_cache(folder)
 
     def all_files(self) -> list[str]:
         """Every file below the root, as paths relative to it."""
@@ -273,7 +279,7 @@ class OutDir:
         """Each committed shard's name and the listing's entry for its record, from one listing
         of the commits folder that bypasses fsspec's cache (see `listdir`)."""
         folder = self.path(COMMITS)
-        self.fs.invalidate_cache(folder)
+        self.forget_listings(COMMITS)
         if not self.fs.exists(folder):
             return {}
         entries = self.fs.ls(folder, detail=True)
