@@ -103,15 +103,19 @@ def test_a_rank_killed_while_another_finalizes_leaves_an_honest_out(
     recipe_file, reference, tmp_path
 ):
     """Every shard is committed, so both ranks finalize at once; one is killed half way. OUT is
-    then complete and right, or not complete; the next run makes it the reference either way."""
-    out = copy_of(reference, tmp_path / "out", without_finalize=True)
+    then complete and right, or not complete; the next run makes it the reference either way.
+    Rank 0 is held as it opens its card until rank 1 is killed at its own: without that, rank 0
+    could finish first, and rank 1 would find OUT complete and never finalize."""
+    out, release = copy_of(reference, tmp_path / "out", without_finalize=True), tmp_path / "go"
     command = ("generate", str(recipe_file), "-o", str(out))
-    ranks = [
-        start(*command, env=hooked_env(RANK="0", WORLD_SIZE="2")),
-        start(*command, env=hooked_env(RANK="1", WORLD_SIZE="2", SYNTHGEN_TEST_AT="rename:README.md")),
-    ]  # fmt: skip
-    results = [proc.communicate(timeout=300) and proc.returncode for proc in ranks]
-    assert results == [0, -9]
+    held = start(*command, env=hooked_env(RANK="0", WORLD_SIZE="2",
+                 SYNTHGEN_TEST_AT="open:README.md", SYNTHGEN_TEST_DO=f"wait:{release}"))
+    killed = start(*command, env=hooked_env(RANK="1", WORLD_SIZE="2",
+                   SYNTHGEN_TEST_AT="rename:README.md"))  # fmt: skip
+    killed.communicate(timeout=300)
+    release.touch()
+    held.communicate(timeout=300)
+    assert [held.returncode, killed.returncode] == [0, -9]
     if (out / MANIFEST).exists():
         finished = {p: b for p, b in snapshot(out).items() if ".tmp-" not in p and LEASES not in p}
         assert finished == snapshot(reference)
