@@ -22,6 +22,7 @@ from synthgen.cli import main
 from synthgen.output.label_summary import label_rows, markdown_table
 from synthgen.output.outdir import OutDir
 from synthgen.recipe.joint import LabelModel
+from synthgen.run import finalize as finalize_module
 from synthgen.run.finalize import finalize
 
 SAMPLES = 130  # one shard of 130: two Parquet row groups (100 + 30)
@@ -66,6 +67,16 @@ def test_finalize_reads_records_and_preview_rows_not_the_shards(corpus, tmp_path
     assert counting.read < shard.stat().st_size + 200_000
     assert counting.read < sum(p.stat().st_size for p in corpus.rglob("*") if p.is_file()) / 2
     assert images > 0
+
+
+def test_finalize_shows_a_progress_bar_from_many_shards(corpus, capsys, monkeypatch):
+    """From PROGRESS_FROM shards on (lowered here to this OUT's one shard), finalize shows its
+    reading of the commit records on stderr; below it, nothing."""
+    finalize(OutDir(str(corpus)))
+    assert "reading commit records" not in capsys.readouterr().err
+    monkeypatch.setattr(finalize_module, "PROGRESS_FROM", 1)
+    finalize(OutDir(str(corpus)))
+    assert re.search(r"reading commit records: +\d+%\|.*\| \d/1 \[", capsys.readouterr().err)
 
 
 def test_parquet_is_in_row_groups_of_100_and_datasets_streams_it(corpus):

@@ -335,13 +335,18 @@ class OutDir:
     def _fetch(self, names: list[str], load: Callable[[str], Any], progress: bool) -> dict:
         """`load` of every name, in parallel (an object store answers each in a round trip),
         with a progress bar on stderr when `progress` (and something is left to read: the packs
-        may have held every record)."""
-        with ThreadPoolExecutor(RECORD_FETCHERS) as pool:
-            records = pool.map(load, names)
-            if progress and names:
-                records = tqdm(records, total=len(names), desc="reading commit records",
-                               unit="shard", file=sys.stderr, leave=False)  # fmt: skip
-            return dict(zip(names, records))
+        may have held every record). Names go to the threads in chunks: a task per record cost
+        more than reading it from local disk (3 of 3.7 s for 10^4 records)."""
+        size = max(1, -(-len(names) // (RECORD_FETCHERS * 8)))
+        chunks = [names[start : start + size] for start in range(0, len(names), size)]
+        bar = tqdm(total=len(names), desc="reading commit records", unit="shard",
+                   file=sys.stderr, leave=False, disable=not (progress and names))  # fmt: skip
+        loaded: list[Any] = []
+        with ThreadPoolExecutor(RECORD_FETCHERS) as pool, bar:
+            for records in pool.map(lambda chunk: [load(name) for name in chunk], chunks):
+                loaded.extend(records)
+                bar.update(len(records))
+        return dict(zip(names, loaded))
 
     def commit(self, record: ShardRecord) -> None:
         """Write a shard's commit record: the last step, after its files are in place."""
