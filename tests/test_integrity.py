@@ -108,10 +108,10 @@ def test_a_rank_killed_while_another_finalizes_leaves_an_honest_out(
     could finish first, and rank 1 would find OUT complete and never finalize."""
     out, release = copy_of(reference, tmp_path / "out", without_finalize=True), tmp_path / "go"
     command = ("generate", str(recipe_file), "-o", str(out))
-    held = start(*command, env=hooked_env(RANK="0", WORLD_SIZE="2",
-                 SYNTHGEN_TEST_AT="open:README.md", SYNTHGEN_TEST_DO=f"wait:{release}"))
-    killed = start(*command, env=hooked_env(RANK="1", WORLD_SIZE="2",
-                   SYNTHGEN_TEST_AT="rename:README.md"))  # fmt: skip
+    hold = hooked_env(SYNTHGEN_TEST_AT="open:README.md", SYNTHGEN_TEST_DO=f"wait:{release}")
+    held = start(*command, env={**hold, "RANK": "0", "WORLD_SIZE": "2"})
+    kill = hooked_env(SYNTHGEN_TEST_AT="rename:README.md")
+    killed = start(*command, env={**kill, "RANK": "1", "WORLD_SIZE": "2"})
     killed.communicate(timeout=300)
     release.touch()
     held.communicate(timeout=300)
